@@ -1,0 +1,678 @@
+"""What every collector shares: flags, logging, settings, names, sending,
+health metrics, signals, the systemd watchdog, and the aligned poll loop.
+
+A polling source (Kasa, Tuya, circuits) subclasses ``Collector`` with its
+own ``discover`` and ``poll``; ``main(MyCollector)`` does the rest. A push
+source (ESP32, MQTT) builds a ``Runtime`` and feeds a ``LineBatcher``.
+
+Exit status (DESIGN.md): 0 every metric delivered; 1 Carbon unreachable, the
+metrics kept in the spool; 2 bad settings or flags; 3 no device answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from graphite_helper import (
+    CarbonClient,
+    InvalidMetric,
+    Spool,
+    format_line,
+    metric_path,
+)
+from settings import ConfigError, load_settings, parse_host_port
+from state import NameMap, StateLock
+
+EXIT_OK = 0
+EXIT_UNDELIVERED = 1
+EXIT_CONFIG = 2
+EXIT_NO_DEVICE = 3
+
+# Lines of devices that have answered wait at most this long for the
+# stragglers of the same cycle before they are sent.
+FLUSH_DELAY_S = 0.05
+
+log = logging.getLogger("collector")
+
+
+# --- Logging and systemd ------------------------------------------------------
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd: a ``<N>`` priority prefix journald understands, and no
+    timestamp (journald adds its own)."""
+
+    PRIORITIES = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr (stdout is for --dry-run lines and --discover tables)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries chatter at INFO/DEBUG about every retry; keep it out unless -v.
+    if level.upper() != "DEBUG":
+        for noisy in ("kasa", "tinytuya", "pymodbus", "waitress", "werkzeug"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify units) READY=1, WATCHDOG=1, STOPPING=1.
+
+    A no-op outside systemd. Written here rather than depending on a package:
+    it is one datagram on the socket systemd names.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("ascii"))
+        return True
+    except OSError as exc:
+        log.debug("sd_notify %s failed: %s", message, exc)
+        return False
+
+
+# --- Flags and settings ----------------------------------------------------------
+
+
+def build_parser(source: str, description: str) -> argparse.ArgumentParser:
+    """The flags every collector takes (DESIGN.md)."""
+    parser = argparse.ArgumentParser(prog=f"{source}_to_graphite", description=description)
+    parser.add_argument("--once", action="store_true", help="one cycle, then exit")
+    parser.add_argument("--discover", action="store_true", help="list what is found, send nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the Carbon lines to stdout instead of sending them",
+    )
+    parser.add_argument(
+        "--carbon", metavar="HOST:PORT", help="Carbon destination (or CARBON_HOST/CARBON_PORT)"
+    )
+    parser.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="override the poll interval"
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="spool, names and energy state (or ELECTRICITY_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="local settings file (default config_local.py)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def common_overrides(args: argparse.Namespace, interval_setting: str) -> dict[str, Any]:
+    """Settings given by the common flags."""
+    overrides: dict[str, Any] = {}
+    if args.carbon:
+        overrides["CARBON_DESTINATIONS"] = [args.carbon]
+    if args.interval is not None:
+        overrides[interval_setting.upper()] = float(args.interval)
+    if args.state_dir:
+        overrides["STATE_DIR"] = args.state_dir
+    if args.verbose:
+        overrides["LOG_LEVEL"] = "DEBUG"
+    return overrides
+
+
+def carbon_destinations(settings: Any) -> list[tuple[str, int]]:
+    if settings.carbon_destinations:
+        return [
+            parse_host_port(item, 2003, "CARBON_DESTINATIONS")
+            for item in settings.carbon_destinations
+        ]
+    return [(settings.carbon_host, settings.carbon_port)]
+
+
+# --- Sinks: where lines go -------------------------------------------------
+
+
+class DryRunSink:
+    """--dry-run: lines to stdout, nothing sent, nothing spooled."""
+
+    spool = None
+    lines_sent = 0
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def send_lines(self, lines: Sequence[str]) -> bool:
+        with self._lock:
+            self.stream.writelines(lines)
+            self.stream.flush()
+            self.lines_sent += len(lines)
+        return True
+
+    def flush_spool(self) -> int:
+        return 0
+
+
+# --- The runtime every collector shares -------------------------------------
+
+
+@dataclass
+class Health:
+    """Counters behind ``<prefix>.health.<source>.*``."""
+
+    devices_ok: int = 0
+    devices_failed: int = 0
+    poll_seconds: float = 0.0
+    metrics_sent: int = 0
+    values_rejected: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Runtime:
+    """Settings, names, sink and health of one running collector."""
+
+    def __init__(self, source: str, settings: Any, dry_run: bool = False) -> None:
+        self.source = source
+        self.settings = settings
+        self.dry_run = dry_run
+        self.prefix = settings.metric_prefix
+        self.state_dir = Path(settings.state_dir) / source
+        self.log = logging.getLogger(source)
+        self.health = Health()
+        self._lock: StateLock | None = None
+        if dry_run:
+            self.names = NameMap(None, settings.device_names)
+            self.sink: Any = DryRunSink()
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.names = NameMap(self.state_dir / "names.json", settings.device_names)
+            self.sink = CarbonClient(
+                carbon_destinations(settings),
+                timeout_s=settings.carbon_timeout_s,
+                spool=Spool(self.state_dir / "spool", max_lines=settings.spool_max_lines),
+                confirm=settings.carbon_confirm_delivery,
+            )
+
+    def lock(self) -> None:
+        """One collector per state dir. Raises ConfigError if taken."""
+        if self.dry_run:
+            return
+        self._lock = StateLock(self.state_dir / "lock")
+        if not self._lock.acquire():
+            raise ConfigError(
+                f"STATE_DIR: another {self.source} collector is running with {self.state_dir}"
+            )
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def state_path(self, name: str) -> Path | None:
+        """A file in this collector's state dir; None in dry runs (nothing written)."""
+        return None if self.dry_run else self.state_dir / name
+
+    def path(self, *segments: str) -> str:
+        return metric_path(self.prefix, *segments)
+
+    def lines(
+        self, device_segment: str, values: dict[str, Any], timestamp: int, group: str = ""
+    ) -> list[str]:
+        """Carbon lines for one device's values; bad values are counted, logged, skipped."""
+        out = []
+        base = [group or self.source, device_segment]
+        for metric, value in values.items():
+            if value is None:
+                continue
+            try:
+                out.append(format_line(self.path(*base, metric), value, timestamp))
+            except InvalidMetric as exc:
+                self.health.values_rejected += 1
+                self.log.debug("%s.%s not sent: %s", device_segment, metric, exc)
+        return out
+
+    def health_lines(self, timestamp: int, **values: Any) -> list[str]:
+        """``<prefix>.health.<source>.<name>`` lines: the standard figures plus any given."""
+        figures = {
+            "devices_ok": self.health.devices_ok,
+            "devices_failed": self.health.devices_failed,
+            "poll_seconds": round(self.health.poll_seconds, 3),
+            "metrics_sent": self.health.metrics_sent,
+            "values_rejected": self.health.values_rejected,
+            **self.health.extra,
+            **values,
+        }
+        spool = getattr(self.sink, "spool", None)
+        if spool is not None:
+            figures["spool_lines"] = len(spool)
+            figures["spool_dropped"] = spool.dropped_lines
+        return self.lines(self.source, figures, timestamp, group="health")
+
+    async def send(self, lines: Sequence[str]) -> bool:
+        """Send (or spool) in a worker thread; True when delivered."""
+        if not lines:
+            return True
+        loop = asyncio.get_running_loop()
+        delivered = await loop.run_in_executor(None, self.sink.send_lines, list(lines))
+        self.health.metrics_sent += len(lines) if delivered else 0
+        return delivered
+
+    def undelivered_message(self) -> str:
+        spool = self.sink.spool
+        return (
+            f"{self.source}: Carbon unreachable at {self.sink.describe_destinations()}; "
+            f"{len(spool)} lines kept in the spool at {spool.directory}"
+        )
+
+
+def open_runtime(source: str, args: argparse.Namespace, overrides: dict[str, Any]) -> Runtime:
+    """Settings + logging + runtime; raises ConfigError on a bad setting."""
+    settings = load_settings(local_path=args.config, overrides=overrides)
+    setup_logging(settings.log_level)
+    return Runtime(source, settings, dry_run=args.dry_run)
+
+
+# --- Polling sources ----------------------------------------------------------
+
+
+@dataclass
+class Device:
+    """Something to poll. ``stable_id`` survives renames and address changes."""
+
+    stable_id: str
+    name: str
+    address: str = ""
+    model: str = ""
+    measures_energy: bool = False
+    handle: Any = None
+
+
+@dataclass
+class Reading:
+    """Values of one named device (a strip's poll gives one per outlet)."""
+
+    stable_id: str
+    name: str
+    values: dict
+
+
+class Collector:
+    """One polling source: discover, poll, extract. Subclasses set ``source``
+    and ``interval_setting`` and implement ``discover`` and ``poll``."""
+
+    source = ""
+    description = ""
+    interval_setting = "plug_interval_s"
+    discover_columns: Sequence[str] = ("name", "id", "address", "model", "energy")
+
+    def __init__(self, runtime: Runtime, args: argparse.Namespace) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.args = args
+        self.log = runtime.log
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Flags particular to this source."""
+
+    @classmethod
+    def overrides(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """Settings given by this source's flags."""
+        return {}
+
+    async def discover(self) -> list[Device]:
+        raise NotImplementedError
+
+    async def poll(self, device: Device) -> list[Reading]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections at exit."""
+
+    def discover_row(self, device: Device) -> Sequence[str]:
+        return (
+            device.name,
+            device.stable_id,
+            device.address,
+            device.model,
+            "yes" if device.measures_energy else "no",
+        )
+
+    def end_of_cycle(self, timestamp: int) -> None:
+        """Hook after each cycle (e.g. persist energy state)."""
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned text table for --discover."""
+    cells = [list(columns)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines) + "\n"
+
+
+class PollLoop:
+    """Aligned cycles over the discovered devices of one collector."""
+
+    def __init__(self, collector: Collector, interval_s: float, once: bool = False) -> None:
+        self.collector = collector
+        self.runtime = collector.runtime
+        self.settings = collector.settings
+        self.interval_s = interval_s
+        self.once = once
+        self.devices: dict[str, Device] = {}
+        self.stopping = asyncio.Event()
+        self._failing: set[str] = set()
+        self._last_discovery = -math.inf
+        self._discovery: asyncio.Task | None = None
+
+    # Discovery
+
+    async def rediscover(self) -> None:
+        try:
+            found = await self.collector.discover()
+        except Exception as exc:  # a source's discovery failing must not stop polling
+            self.runtime.log.warning("discovery failed: %s: %s", exc.__class__.__name__, exc)
+            return
+        finally:
+            self._last_discovery = time.monotonic()
+        for device in found:
+            known = self.devices.get(device.stable_id)
+            if known is None:
+                self.runtime.log.info(
+                    "found %s (%s) at %s", device.name, device.stable_id, device.address
+                )
+            if known is None or known.address != device.address:
+                self.devices[device.stable_id] = device
+
+    def _discovery_due(self) -> bool:
+        if not self.devices:
+            return True
+        elapsed = time.monotonic() - self._last_discovery
+        return elapsed >= self.settings.rediscover_interval_s
+
+    # One device, one cycle
+
+    async def _poll_device(self, device: Device, timestamp: int) -> list[str] | None:
+        runtime = self.runtime
+        try:
+            readings = await asyncio.wait_for(
+                self.collector.poll(device), timeout=self.settings.device_timeout_s
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any device failure is that device's alone
+            reason = (
+                f"no answer within {self.settings.device_timeout_s:g} s"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"{exc.__class__.__name__}: {exc}"
+            )
+            if device.stable_id not in self._failing:
+                runtime.log.warning("%s (%s): %s", device.name, device.address, reason)
+                self._failing.add(device.stable_id)
+            else:
+                runtime.log.debug("%s (%s): still failing: %s", device.name, device.address, reason)
+            return None
+        if device.stable_id in self._failing:
+            runtime.log.info("%s (%s) answers again", device.name, device.address)
+            self._failing.discard(device.stable_id)
+        lines: list[str] = []
+        for reading in readings:
+            segment = runtime.names.name_for(reading.stable_id, reading.name)
+            lines.extend(runtime.lines(segment, reading.values, timestamp))
+        return lines
+
+    async def cycle(self, timestamp: int) -> tuple[int, int, bool]:
+        """Poll every device; lines go out as devices answer (a dead device's
+        timeout delays nobody). Returns (devices ok, devices failed, delivered)."""
+        runtime = self.runtime
+        started = time.monotonic()
+        pending = {
+            asyncio.ensure_future(self._poll_device(device, timestamp))
+            for device in list(self.devices.values())
+        }
+        ok = failed = 0
+        delivered = True
+        buffered: list[str] = []
+        first_buffered_at = 0.0
+        while pending:
+            timeout = None
+            if buffered:
+                timeout = max(0.0, first_buffered_at + FLUSH_DELAY_S - time.monotonic())
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                lines = task.result()
+                if lines is None:
+                    failed += 1
+                    continue
+                ok += 1
+                if lines and not buffered:
+                    first_buffered_at = time.monotonic()
+                buffered.extend(lines)
+            if buffered and (not pending or time.monotonic() >= first_buffered_at + FLUSH_DELAY_S):
+                delivered &= await runtime.send(buffered)
+                buffered = []
+        runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
+        runtime.health.poll_seconds = time.monotonic() - started
+        self.collector.end_of_cycle(timestamp)
+        delivered &= await runtime.send(runtime.health_lines(timestamp))
+        return ok, failed, delivered
+
+    # The loop
+
+    async def _sleep_until(self, wall_time: float) -> None:
+        delay = wall_time - time.time()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run(self) -> int:
+        runtime = self.runtime
+        await self.rediscover()
+        sd_notify("READY=1")
+        if self.once:
+            if not self.devices:
+                print(f"{runtime.source}: no device found", file=sys.stderr)
+                await runtime.send(runtime.health_lines(int(time.time())))
+                return EXIT_NO_DEVICE
+            ok, _failed, delivered = await self.cycle(int(time.time()))
+            if not delivered:
+                print(runtime.undelivered_message(), file=sys.stderr)
+                return EXIT_UNDELIVERED
+            if not ok:
+                print(f"{runtime.source}: no device answered", file=sys.stderr)
+                return EXIT_NO_DEVICE
+            return EXIT_OK
+
+        runtime.log.info(
+            "polling %d devices every %g s, sending to %s",
+            len(self.devices),
+            self.interval_s,
+            "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
+        )
+        # Aligned to interval boundaries on the wall clock: every device of a
+        # cycle shares the boundary as its timestamp, and nothing drifts.
+        boundary = math.floor(time.time() / self.interval_s) * self.interval_s
+        while not self.stopping.is_set():
+            if self._discovery_due() and (self._discovery is None or self._discovery.done()):
+                if self.devices:
+                    self._discovery = asyncio.ensure_future(self.rediscover())
+                else:
+                    await self.rediscover()
+            await self.cycle(int(boundary))
+            sd_notify("WATCHDOG=1")
+            next_boundary = math.floor(time.time() / self.interval_s + 1) * self.interval_s
+            skipped = round((next_boundary - boundary) / self.interval_s) - 1
+            if skipped > 0:
+                runtime.log.warning("cycle overran: %d boundaries skipped", skipped)
+            boundary = next_boundary
+            await self._sleep_until(boundary)
+        sd_notify("STOPPING=1")
+        if self._discovery is not None:
+            self._discovery.cancel()
+        return EXIT_OK
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: finish the cycle, send or spool, exit 0."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+
+
+async def _run_collector(collector_cls: type, args: argparse.Namespace, runtime: Runtime) -> int:
+    collector = collector_cls(runtime, args)
+    try:
+        if args.discover:
+            devices = await collector.discover()
+            rows = [collector.discover_row(device) for device in devices]
+            sys.stdout.write(format_table(collector.discover_columns, rows))
+            return EXIT_OK if devices else EXIT_NO_DEVICE
+        interval_s = float(getattr(runtime.settings, collector.interval_setting))
+        poll_loop = PollLoop(collector, interval_s, once=args.once)
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if poll_loop.stopping.is_set():
+                return
+            runtime.log.info("stopping: finishing the current cycle")
+            poll_loop.stopping.set()
+
+        _install_signal_handlers(loop, stop)
+        return await poll_loop.run()
+    finally:
+        await collector.close()
+
+
+def main(collector_cls: type, argv: Sequence[str] | None = None) -> int:
+    """Entry point of a polling collector script."""
+    parser = build_parser(collector_cls.source, collector_cls.description)
+    collector_cls.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        overrides = common_overrides(args, collector_cls.interval_setting)
+        overrides.update(collector_cls.overrides(args))
+        runtime = open_runtime(collector_cls.source, args, overrides)
+        if not args.discover:
+            runtime.lock()
+    except ConfigError as exc:
+        print(f"{collector_cls.source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_run_collector(collector_cls, args, runtime))
+    except ConfigError as exc:
+        print(f"{collector_cls.source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        runtime.close()
+
+
+# --- Push sources -----------------------------------------------------------------
+
+
+class LineBatcher:
+    """Collects lines from any thread and sends them every ``flush_interval_s``
+    or once ``max_lines`` are waiting, in its own thread. ``periodic(ts)``, if
+    given, adds lines (health) every ``periodic_interval_s``."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        flush_interval_s: float = 1.0,
+        max_lines: int = 5000,
+        periodic: Callable[[int], list[str]] | None = None,
+        periodic_interval_s: float = 10.0,
+    ) -> None:
+        self.runtime = runtime
+        self.flush_interval_s = flush_interval_s
+        self.max_lines = max_lines
+        self.periodic = periodic
+        self.periodic_interval_s = periodic_interval_s
+        self._next_periodic = 0.0
+        self.delivered_all = True
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="line-batcher", daemon=True)
+
+    def start(self) -> LineBatcher:
+        self._thread.start()
+        return self
+
+    def add(self, lines: Sequence[str]) -> None:
+        if not lines:
+            return
+        with self._lock:
+            self._lines.extend(lines)
+            full = len(self._lines) >= self.max_lines
+        if full:
+            self._wake.set()
+
+    def flush(self) -> bool:
+        """Send what is waiting now (plus periodic lines); True when delivered."""
+        with self._lock:
+            lines, self._lines = self._lines, []
+        now = time.time()
+        if self.periodic is not None and (now >= self._next_periodic or self._stopping.is_set()):
+            self._next_periodic = now + self.periodic_interval_s
+            lines.extend(self.periodic(int(now)))
+        if not lines:
+            return True
+        delivered = self.runtime.sink.send_lines(lines)
+        if delivered:
+            self.runtime.health.metrics_sent += len(lines)
+        self.delivered_all &= delivered
+        sd_notify("WATCHDOG=1")
+        return delivered
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # never let the sender thread die silently
+                log.exception("sending failed")
+
+    def stop(self) -> bool:
+        """Stop the thread and send (or spool) what is left."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.flush()

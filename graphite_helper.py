@@ -1,0 +1,406 @@
+"""Metric names and values, Carbon plaintext lines, delivery and the spool.
+
+Carbon never acknowledges a line, so delivery is confirmed the one way the
+plaintext protocol allows: each batch goes over its own connection, we
+half-close it (end of stream), and Carbon closes its side only once it has
+read every byte. A batch whose close does not come back (connection refused,
+reset, timeout, a hung server) goes to the on-disk spool and is replayed with
+its original timestamps once a destination confirms again. Resending a line
+is harmless: whisper keeps one value per timestamp.
+
+Lines are validated before they leave: three fields, ASCII ``[a-z0-9_]``
+segments, finite values, whole-second timestamps, short lines. A line that
+fails is counted and never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import unicodedata
+from pathlib import Path
+from typing import Iterable, Sequence, Tuple, Union
+
+log = logging.getLogger("graphite")
+
+DEFAULT_PREFIX = "home.electricity"
+DEFAULT_CARBON = ("127.0.0.1", 2003)
+# Carbon drops the connection (and the rest of the stream) on a line over
+# 16 KiB; ours are never near that, so anything long is a bug.
+MAX_LINE_BYTES = 512
+# Seconds, not milliseconds: Carbon would store a millisecond stamp in 2500 AD.
+MIN_TIMESTAMP = 946_684_800  # 2000-01-01
+MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01
+
+_SEGMENT = re.compile(r"[a-z0-9_]+")
+_PATH = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
+_LINE = re.compile(r"([a-z0-9_]+(?:\.[a-z0-9_]+)*) (-?[0-9][0-9.e+-]*|-?\.[0-9][0-9e+-]*) ([0-9]+)")
+
+Number = Union[int, float, bool]
+Metric = Tuple[str, Number, int]
+
+
+class InvalidMetric(ValueError):
+    """A path, value or timestamp that must never become a Carbon line."""
+
+
+def format_device_name(name: str, fallback: str = "") -> str:
+    """One metric path segment from a free-form name.
+
+    Lowercase ASCII ``[a-z0-9_]``: accents folded (é -> e), spaces and dashes
+    to ``_``, everything else (dots, slashes, newlines, emoji) dropped, repeats
+    collapsed, edges trimmed. An empty result falls back to ``fallback``
+    (formatted the same way), then to ``"unknown"``.
+    """
+    folded = unicodedata.normalize("NFKD", str(name)).lower()
+    spaced = re.sub(r"[\s\-]+", "_", folded)
+    kept = re.sub(r"[^a-z0-9_]", "", spaced)
+    segment = re.sub(r"_+", "_", kept).strip("_")
+    if segment:
+        return segment
+    if fallback:
+        return format_device_name(fallback)
+    return "unknown"
+
+
+def is_valid_path(path: str) -> bool:
+    """True for dotted ``[a-z0-9_]`` segments, nothing empty."""
+    return bool(_PATH.fullmatch(path))
+
+
+def metric_path(*segments: str) -> str:
+    """Join segments (the prefix may hold dots) into a checked metric path."""
+    path = ".".join(segments)
+    if not is_valid_path(path):
+        raise InvalidMetric(f"invalid metric path {path!r}")
+    return path
+
+
+def format_value(value: Number) -> str:
+    """A finite number as Carbon reads it; booleans as 0/1. Raises InvalidMetric."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, float):
+        raise InvalidMetric(f"value {value!r} is not a number")
+    number = value
+    if not math.isfinite(number):
+        raise InvalidMetric(f"value {value!r} is not finite")
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return repr(number)
+
+
+def format_line(path: str, value: Number, timestamp: float) -> str:
+    """One Carbon plaintext line, newline included. Raises InvalidMetric."""
+    if not is_valid_path(path):
+        raise InvalidMetric(f"invalid metric path {path!r}")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        raise InvalidMetric(f"timestamp {timestamp!r} is not a number")
+    if not math.isfinite(timestamp) or not MIN_TIMESTAMP <= timestamp < MAX_TIMESTAMP:
+        raise InvalidMetric(f"timestamp {timestamp!r} is not whole seconds since 1970")
+    line = f"{path} {format_value(value)} {int(timestamp)}\n"
+    if len(line) > MAX_LINE_BYTES:
+        raise InvalidMetric(f"line of {len(line)} bytes is too long")
+    return line
+
+
+def is_valid_line(line: str) -> bool:
+    """True for a line exactly as ``format_line`` writes it (newline included)."""
+    if not line.endswith("\n") or len(line) > MAX_LINE_BYTES:
+        return False
+    match = _LINE.fullmatch(line[:-1])
+    if not match:
+        return False
+    try:
+        value = float(match.group(2))
+    except ValueError:
+        return False
+    return math.isfinite(value) and MIN_TIMESTAMP <= int(match.group(3)) < MAX_TIMESTAMP
+
+
+class Spool:
+    """Bounded, ordered, crash-safe store of lines waiting for Carbon.
+
+    Lines are appended to numbered segment files of at most
+    ``segment_lines`` lines and fsynced, so a crash loses nothing already
+    spooled. A torn last line (the process died mid-write) is discarded on
+    load, never sent. When the spool holds more than ``max_lines``, the
+    oldest lines go first and are counted in ``dropped_lines``.
+    """
+
+    SUFFIX = ".spool"
+
+    def __init__(
+        self, directory: Path | str, max_lines: int = 2_000_000, segment_lines: int = 50_000
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_lines = max_lines
+        self.segment_lines = segment_lines
+        self.dropped_lines = 0
+        self.discarded_lines = 0  # torn or invalid lines found on disk
+        self._counts: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        for segment in self._segment_files():
+            self._counts[segment] = self._load_segment(segment)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def _segment_files(self) -> list[Path]:
+        return sorted(self.directory.glob("*" + self.SUFFIX))
+
+    def _load_segment(self, segment: Path) -> int:
+        """Count complete lines; cut a torn tail left by a crash."""
+        data = segment.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning("spool %s: discarding a torn last line left by a crash", segment.name)
+            self.discarded_lines += 1
+            with open(segment, "r+b") as handle:
+                handle.truncate(complete)
+                os.fsync(handle.fileno())
+        return data.count(b"\n", 0, complete)
+
+    def _new_segment(self) -> Path:
+        files = self._segment_files()
+        number = int(files[-1].stem) + 1 if files else 1
+        return self.directory / f"{number:012d}{self.SUFFIX}"
+
+    def append(self, lines: Sequence[str]) -> None:
+        """Add lines at the end, durably, then enforce the cap."""
+        if not lines:
+            return
+        with self._lock:
+            remaining = list(lines)
+            while remaining:
+                files = self._segment_files()
+                segment = files[-1] if files else None
+                if segment is None or self._counts.get(segment, 0) >= self.segment_lines:
+                    segment = self._new_segment()
+                    self._counts[segment] = 0
+                room = self.segment_lines - self._counts[segment]
+                chunk, remaining = remaining[:room], remaining[room:]
+                with open(segment, "a", encoding="ascii", newline="\n") as handle:
+                    handle.writelines(chunk)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                self._counts[segment] += len(chunk)
+            self._enforce_cap()
+
+    def _enforce_cap(self) -> None:
+        excess = len(self) - self.max_lines
+        while excess > 0:
+            oldest = self._segment_files()[0]
+            count = self._counts[oldest]
+            if count <= excess:
+                oldest.unlink()
+                del self._counts[oldest]
+                self.dropped_lines += count
+                excess -= count
+            else:
+                kept = oldest.read_text(encoding="ascii").splitlines(keepends=True)[excess:]
+                self._rewrite(oldest, kept)
+                self.dropped_lines += excess
+                excess = 0
+        if self.dropped_lines:
+            log.debug("spool full: %d oldest lines dropped so far", self.dropped_lines)
+
+    def _rewrite(self, segment: Path, lines: list[str]) -> None:
+        temporary = segment.with_suffix(".tmp")
+        with open(temporary, "w", encoding="ascii", newline="\n") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, segment)
+        self._counts[segment] = len(lines)
+
+    def replay(self, deliver, batch_lines: int = 50_000) -> int:
+        """Send spooled lines oldest first through ``deliver(lines) -> bool``.
+
+        Stops at the first batch that is not delivered (the rest stays, in
+        order). Returns the number of lines delivered.
+        """
+        delivered = 0
+        with self._lock:
+            for segment in self._segment_files():
+                lines = segment.read_text(encoding="ascii", errors="replace").splitlines(
+                    keepends=True
+                )
+                valid = [line for line in lines if is_valid_line(line)]
+                if len(valid) != len(lines):
+                    self.discarded_lines += len(lines) - len(valid)
+                    log.warning(
+                        "spool %s: %d invalid lines discarded",
+                        segment.name,
+                        len(lines) - len(valid),
+                    )
+                for start in range(0, len(valid), batch_lines):
+                    batch = valid[start : start + batch_lines]
+                    if not deliver(batch):
+                        self._rewrite(segment, valid[start:])
+                        return delivered
+                    delivered += len(batch)
+                segment.unlink()
+                del self._counts[segment]
+        return delivered
+
+
+Destination = Tuple[str, int]
+
+
+class CarbonClient:
+    """Delivers lines to the first destination that confirms, else spools them.
+
+    ``destinations`` is an ordered failover list (carbon-caches or relays).
+    Thread-safe; blocking, so async callers run it in an executor.
+    """
+
+    def __init__(
+        self,
+        destinations: Sequence[Destination] = (DEFAULT_CARBON,),
+        timeout_s: float = 5.0,
+        spool: Spool | None = None,
+        confirm: bool = True,
+        batch_lines: int = 50_000,
+    ) -> None:
+        if not destinations:
+            raise ValueError("at least one Carbon destination is needed")
+        self.destinations = list(destinations)
+        self.timeout_s = timeout_s
+        self.spool = spool
+        self.confirm = confirm
+        self.batch_lines = batch_lines
+        self.lines_sent = 0
+        self.lines_spooled = 0
+        self.lines_invalid = 0
+        self.last_error = ""
+        self._reachable = True
+        self._lock = threading.Lock()
+
+    def describe_destinations(self) -> str:
+        return ", ".join(f"{host}:{port}" for host, port in self.destinations)
+
+    def send_lines(self, lines: Sequence[str]) -> bool:
+        """Deliver ``lines`` (each newline-terminated), then replay the spool.
+
+        New lines go first so the dashboard is live again as soon as Carbon
+        answers; the spool follows, oldest first. Returns True when every
+        line handed in was delivered; False when some went to the spool.
+        """
+        valid = [line for line in lines if is_valid_line(line)]
+        if len(valid) != len(lines):
+            self.lines_invalid += len(lines) - len(valid)
+            log.error(
+                "dropped %d invalid lines (a bug: lines are checked when made)",
+                len(lines) - len(valid),
+            )
+        with self._lock:
+            delivered = self._deliver_batches(valid)
+            if not delivered:
+                if self.spool is not None:
+                    self.spool.append(valid)
+                    self.lines_spooled += len(valid)
+                return False
+            if self.spool is not None and len(self.spool):
+                replayed = self.spool.replay(self._deliver, self.batch_lines)
+                if replayed:
+                    log.info("replayed %d spooled lines, %d left", replayed, len(self.spool))
+            return True
+
+    def flush_spool(self) -> int:
+        """Try to replay the spool alone. Returns lines delivered."""
+        if self.spool is None or not len(self.spool):
+            return 0
+        with self._lock:
+            return self.spool.replay(self._deliver, self.batch_lines)
+
+    def _deliver_batches(self, lines: Sequence[str]) -> bool:
+        for start in range(0, len(lines), self.batch_lines):
+            if not self._deliver(lines[start : start + self.batch_lines]):
+                # Earlier batches of this call landed; only the rest is spooled
+                # by the caller, resending landed lines is harmless anyway.
+                return False
+        return True
+
+    def _deliver(self, lines: Sequence[str]) -> bool:
+        if not lines:
+            return True
+        payload = "".join(lines).encode("ascii")
+        errors = []
+        for host, port in self.destinations:
+            try:
+                self._send_confirmed(host, port, payload)
+            except OSError as exc:
+                errors.append(f"{host}:{port}: {exc.__class__.__name__}: {exc}")
+                continue
+            self.lines_sent += len(lines)
+            if not self._reachable:
+                log.info("Carbon reachable again at %s:%d", host, port)
+            self._reachable = True
+            return True
+        self.last_error = "; ".join(errors)
+        if self._reachable:  # say it once per outage, not every cycle
+            log.warning("Carbon unreachable (%s): keeping lines in the spool", self.last_error)
+        self._reachable = False
+        return False
+
+    def _send_confirmed(self, host: str, port: int, payload: bytes) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        with socket.create_connection((host, port), timeout=self.timeout_s) as sock:
+            sock.sendall(payload)
+            if not self.confirm:
+                return
+            # End of stream; Carbon closes once it has read it all.
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                try:
+                    data = sock.recv(4096)
+                except socket.timeout:
+                    raise TimeoutError("no close from Carbon after end of stream") from None
+                if not data:
+                    return
+
+
+# --- The established API ---------------------------------------------------
+
+_default_client: CarbonClient | None = None
+
+
+def configure(client: CarbonClient) -> None:
+    """Make ``client`` the one behind ``send_metric``/``send_metrics``."""
+    global _default_client
+    _default_client = client
+
+
+def _client() -> CarbonClient:
+    global _default_client
+    if _default_client is None:
+        _default_client = CarbonClient()
+    return _default_client
+
+
+def send_metrics(metrics: Iterable[Metric]) -> bool:
+    """Send (path, value, timestamp) triples as one batch. Invalid ones are
+    logged and skipped. Returns True when everything valid was delivered."""
+    lines = []
+    for path, value, timestamp in metrics:
+        try:
+            lines.append(format_line(path, value, timestamp))
+        except InvalidMetric as exc:
+            log.warning("not sending %s: %s", path, exc)
+    return _client().send_lines(lines) if lines else True
+
+
+def send_metric(path: str, value: Number, timestamp: float | None = None) -> bool:
+    """Send one metric, stamped now unless a sample time is given."""
+    stamp = int(time.time()) if timestamp is None else timestamp
+    return send_metrics([(path, value, stamp)])
