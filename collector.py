@@ -21,9 +21,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar
 
 from graphite_helper import (
     CarbonClient,
@@ -54,7 +55,7 @@ class _JournalFormatter(logging.Formatter):
     """Under systemd: a ``<N>`` priority prefix journald understands, and no
     timestamp (journald adds its own)."""
 
-    PRIORITIES = {
+    PRIORITIES: ClassVar[dict[int, int]] = {
         logging.DEBUG: 7,
         logging.INFO: 6,
         logging.WARNING: 4,

@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Union
 
 log = logging.getLogger("graphite")
 
@@ -42,7 +43,7 @@ _PATH = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
 _LINE = re.compile(r"([a-z0-9_]+(?:\.[a-z0-9_]+)*) (-?[0-9][0-9.e+-]*|-?\.[0-9][0-9e+-]*) ([0-9]+)")
 
 Number = Union[int, float, bool]
-Metric = Tuple[str, Number, int]
+Metric = tuple[str, Number, int]
 
 
 class InvalidMetric(ValueError):
@@ -253,7 +254,7 @@ class Spool:
         return delivered
 
 
-Destination = Tuple[str, int]
+Destination = tuple[str, int]
 
 
 class CarbonClient:

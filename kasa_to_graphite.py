@@ -17,7 +17,8 @@ import argparse
 import asyncio
 import math
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kasa import Credentials, Device, DeviceConfig, Discover, Module
 

@@ -11,9 +11,10 @@ import json
 import math
 import os
 import runpy
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import config
 
