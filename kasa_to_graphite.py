@@ -166,9 +166,28 @@ class KasaCollector(collector.Collector):
         return [device for device in updated if device is not None]
 
     async def _connect(self, host: str, port: int) -> Device | None:
+        """A static host: unicast discovery learns its protocol (legacy, KLAP,
+        AES); if UDP does not get through, try the legacy TCP protocol."""
+        port_override = port if port != KASA_PORT else None
+        try:
+            device = await asyncio.wait_for(
+                Discover.discover_single(
+                    host,
+                    port=port_override,
+                    discovery_timeout=max(1, int(self.settings.kasa_discovery_timeout_s)),
+                    credentials=self.credentials,
+                    timeout=self.timeout_s,
+                ),
+                self.settings.kasa_discovery_timeout_s + self.settings.device_timeout_s,
+            )
+            if device is not None:
+                await asyncio.wait_for(device.update(), self.settings.device_timeout_s)
+                return device
+        except Exception as exc:
+            self.log.debug("%s:%d: unicast discovery failed (%s); trying TCP", host, port, exc)
         config = DeviceConfig(
             host=host,
-            port_override=port if port != KASA_PORT else None,
+            port_override=port_override,
             credentials=self.credentials,
             timeout=self.timeout_s,
         )
@@ -198,7 +217,10 @@ class KasaCollector(collector.Collector):
             if old is not None and old is not device and old.host != device.host:
                 await _disconnect(old)
             self._handles[mac] = device
-            model = device.model + (f" ({len(device.children)} outlets)" if device.children else "")
+            # 0.7.7 says "KP115(EU)", 0.12 "KP115".
+            model = device.model.partition("(")[0]
+            if device.children:
+                model += f" ({len(device.children)} outlets)"
             devices[mac] = collector.Device(
                 stable_id=mac,
                 name=device.alias or mac,
