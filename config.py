@@ -44,10 +44,10 @@ SPOOL_MAX_LINES = 2_000_000
 
 # --- Polling ------------------------------------------------------------------
 
-PLUG_INTERVAL_S = 30  # Kasa and Tuya plugs
-METER_INTERVAL_S = 5  # whole-house meter (ESP32 flush, MQTT flush)
-CIRCUIT_INTERVAL_S = 10  # DIN-rail circuit meters
-REDISCOVER_INTERVAL_S = 600
+PLUG_INTERVAL_S = 30.0  # Kasa and Tuya plugs
+METER_INTERVAL_S = 5.0  # whole-house meter (ESP32 flush, MQTT flush)
+CIRCUIT_INTERVAL_S = 10.0  # DIN-rail circuit meters
+REDISCOVER_INTERVAL_S = 600.0
 # A device that has not answered by then is skipped for the cycle; the
 # others' lines do not wait for it.
 DEVICE_TIMEOUT_S = 10.0
@@ -74,6 +74,136 @@ KASA_PASSWORD = ""
 
 # --- ESP32 meter receiver -----------------------------------------------------
 
+# The ESP32 posts over the LAN, so the receiver listens on every interface by
+# default; it then refuses to start until a token is set. "127.0.0.1" keeps it
+# local (no token needed).
+ESP32_BIND = "0.0.0.0"
+ESP32_PORT = 5000
+# Bearer token of every ESP32 (secret: config_local.py or the environment).
+# At least 16 characters: python3 -c "import secrets; print(secrets.token_urlsafe(24))"
+ESP32_TOKEN = ""
+# Per-device tokens, device_id -> token (secret). A device listed here must use
+# its own token; ESP32_TOKEN then covers only the devices not listed.
+ESP32_DEVICE_TOKENS: dict = {}
+# Larger bodies get 413 (the firmware then halves its batches).
+ESP32_MAX_BODY_BYTES = 65536
+# A reading's own "ts" is used when it is at most this far ahead of the
+# server clock and at most ESP32_MAX_READING_AGE_S behind it (readings
+# buffered while off-line); otherwise the receive time is.
+ESP32_MAX_CLOCK_SKEW_S = 300.0
+ESP32_MAX_READING_AGE_S = 86400.0
+# No pulse for this long: power reads 0.
+ESP32_IDLE_TIMEOUT_S = 300.0
+# More pulses than this power could make in the time between two readings is
+# a glitch: the reading is refused and counted, never turned into energy.
+ESP32_MAX_POWER_WATTS = 100000.0
+# A device that has not posted for this long counts in devices_failed.
+ESP32_STALE_S = 120.0
+# Devices remembered at most (a leaked token cannot grow the state forever).
+ESP32_MAX_DEVICES = 16
+
 # --- MQTT ---------------------------------------------------------------------
 
+# Broker "host" or "host:port" (--broker); the port defaults to 1883, or 8883
+# with TLS.
+MQTT_BROKER = "127.0.0.1:1883"
+MQTT_USERNAME = ""
+# Secret: config_local.py or the environment only.
+MQTT_PASSWORD = ""
+# A CA certificate file (PEM) switches TLS on; the broker's certificate and
+# host name are checked against it.
+MQTT_TLS_CA_FILE = ""
+# Unique on the broker (a second client with the same id pushes the first
+# off). Empty: "electricity-mqtt-<hostname>".
+MQTT_CLIENT_ID = ""
+MQTT_KEEPALIVE_S = 60
+# Reconnect backoff: doubles from MIN to MAX while the broker is away.
+MQTT_RECONNECT_MIN_S = 1.0
+MQTT_RECONNECT_MAX_S = 60.0
+# After the broker refuses our login, try again only this often.
+MQTT_AUTH_RETRY_S = 300.0
+# Topic prefix of the Glow display (glow/<id>/SENSOR/..., glow/<id>/STATE);
+# empty switches Glow off.
+MQTT_GLOW_PREFIX = "glow"
+# Gas from the Glow display: <MQTT_GAS_PREFIX>.glow.<device>.energy_kwh etc.
+MQTT_GAS_PREFIX = "home.gas"
+# Built-in rule sets switched on by name: "tasmota", "shelly_gen2",
+# "shelly_gen1", "esphome", "emonhub" (docs/mqtt.md).
+MQTT_PRESETS: list = []
+# Own rules, one dict each (docs/mqtt.md), e.g.
+#   {"topic": "tele/+/SENSOR", "device": 1, "json": "ENERGY.Power",
+#    "metric": "power_watts"}
+MQTT_RULES: list = []
+# Lines go to Carbon this often, or as soon as this many are waiting
+# (--interval overrides the seconds).
+MQTT_FLUSH_INTERVAL_S = 1.0
+MQTT_FLUSH_LINES = 5000
+# Health lines (home.electricity.health.mqtt.*) this often.
+MQTT_HEALTH_INTERVAL_S = 30.0
+# A device silent for this long counts in devices_failed (Tasmota publishes
+# every 300 s by default).
+MQTT_STALE_S = 900.0
+# --once waits this long for a first reading from each configured source.
+MQTT_ONCE_TIMEOUT_S = 60.0
+# --discover listens this long.
+MQTT_DISCOVER_S = 30.0
+
 # --- Circuits (DIN-rail meters) -------------------------------------------------
+
+# One dict per metered circuit; its "name" is its metric segment
+# (home.electricity.circuit.<name>.*). Keys:
+#   name        "Heat pump", "EV charger", ...
+#   kind        "modbus-tcp", "modbus-rtu" or "tuya"
+#   connection  modbus-tcp: gateway "host[:port]" (port 502 by default);
+#               modbus-rtu: serial port, e.g. "/dev/ttyUSB0";
+#               tuya: the device id in devices.json
+#   profile     "sdm120", "sdm630" (Modbus); "tuya-din", "tuya-din-3p",
+#               "tuya-clamp" (Tuya)
+#   unit        Modbus unit id, 1 to 247 (default 1, the meters' factory id)
+#   baudrate, parity, stopbits   modbus-rtu only; every meter on one port
+#               must agree (factory: SDM120 2400, SDM630 9600, "N", 1)
+#   ranges      optional {metric: [min, max]} over CIRCUIT_RANGES
+# Example:
+#   CIRCUITS = [
+#       {"name": "Heat pump", "kind": "modbus-tcp", "connection": "192.168.86.60",
+#        "unit": 1, "profile": "sdm120"},
+#       {"name": "EV charger", "kind": "modbus-rtu", "connection": "/dev/ttyUSB0",
+#        "unit": 2, "profile": "sdm630", "baudrate": 9600},
+#       {"name": "Main oven", "kind": "tuya", "connection": "bf52baba2305f136datzwi",
+#        "profile": "tuya-din"},
+#   ]
+CIRCUITS: list = []
+# Per request; a meter that does not answer in time is skipped for the cycle.
+# Over RS-485 the reply's own transfer time at the bus's baud rate is added.
+CIRCUIT_MODBUS_TIMEOUT_S = 1.0
+# The meters' own measuring ranges, per phase: [min, max] per metric. A reading
+# outside them (or not a number) is dropped and counted, never sent. A
+# three-phase meter's power and current totals may reach three times these.
+# Negative power is export and is kept.
+CIRCUIT_RANGES: dict = {
+    "sdm120": {  # 45 A max
+        "voltage_volts": [100, 300],
+        "current_amps": [0, 50],
+        "power_watts": [-15000, 15000],
+    },
+    "sdm630": {  # 100 A max per phase
+        "voltage_volts": [100, 300],
+        "current_amps": [0, 110],
+        "power_watts": [-33000, 33000],
+    },
+    "tuya-din": {  # 63 A breakers and 80 A meters
+        "voltage_volts": [100, 300],
+        "current_amps": [0, 80],
+        "power_watts": [-24000, 24000],
+    },
+    "tuya-din-3p": {
+        "voltage_volts": [100, 300],
+        "current_amps": [0, 80],
+        "power_watts": [-24000, 24000],
+    },
+    "tuya-clamp": {  # PC311 and the like: clamps up to 200 A
+        "voltage_volts": [100, 300],
+        "current_amps": [0, 200],
+        "power_watts": [-60000, 60000],
+    },
+}
