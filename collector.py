@@ -220,6 +220,7 @@ class Runtime:
                 timeout_s=settings.carbon_timeout_s,
                 spool=Spool(self.state_dir / "spool", max_lines=settings.spool_max_lines),
                 confirm=settings.carbon_confirm_delivery,
+                resend_window_s=settings.carbon_resend_window_s,
             )
 
     def lock(self) -> None:
@@ -244,16 +245,27 @@ class Runtime:
         return metric_path(self.prefix, *segments)
 
     def lines(
-        self, device_segment: str, values: dict[str, Any], timestamp: int, group: str = ""
+        self,
+        device_segment: str,
+        values: dict[str, Any],
+        timestamp: int,
+        group: str = "",
+        prefix: str = "",
     ) -> list[str]:
-        """Carbon lines for one device's values; bad values are counted, logged, skipped."""
+        """Carbon lines for one device's values; bad values are counted, logged, skipped.
+
+        An empty ``device_segment`` makes ``group`` the device itself:
+        ``<prefix>.<group>.<metric>`` (the whole-house ``meter``). ``prefix``
+        replaces METRIC_PREFIX (gas from the Glow display goes under ``home.gas``).
+        """
         out = []
-        base = [group or self.source, device_segment]
+        base = [group or self.source, device_segment] if device_segment else [group or self.source]
         for metric, value in values.items():
             if value is None:
                 continue
             try:
-                out.append(format_line(self.path(*base, metric), value, timestamp))
+                path = metric_path(prefix or self.prefix, *base, metric)
+                out.append(format_line(path, value, timestamp))
             except InvalidMetric as exc:
                 self.health.values_rejected += 1
                 self.log.debug("%s.%s not sent: %s", device_segment, metric, exc)

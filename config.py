@@ -31,6 +31,11 @@ CARBON_TIMEOUT_S = 5.0
 # Relays that keep half-closed connections open need this off (delivery is
 # then assumed once written).
 CARBON_CONFIRM_DELIVERY = True
+# Read is not written: carbon-cache keeps points in memory for a while and
+# loses them if it stops or crashes. Lines confirmed this recently are sent
+# again after a destination stops answering (whisper keeps one value per
+# timestamp, so a repeat is harmless).
+CARBON_RESEND_WINDOW_S = 120.0
 METRIC_PREFIX = "home.electricity"
 
 # --- State and the on-disk spool ------------------------------------------

@@ -8,6 +8,11 @@ reset, timeout, a hung server) goes to the on-disk spool and is replayed with
 its original timestamps once a destination confirms again. Resending a line
 is harmless: whisper keeps one value per timestamp.
 
+Read is not yet written: carbon-cache holds points in memory before whisper
+has them, and a carbon-cache that is stopped or crashes loses that cache.
+So the lines confirmed during the last ``resend_window_s`` are kept, and when
+a destination stops answering they go back into the spool with the rest.
+
 Lines are validated before they leave: three fields, ASCII ``[a-z0-9_]``
 segments, finite values, whole-second timestamps, short lines. A line that
 fails is counted and never sent.
@@ -23,6 +28,7 @@ import socket
 import threading
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Union
@@ -271,6 +277,8 @@ class CarbonClient:
         spool: Spool | None = None,
         confirm: bool = True,
         batch_lines: int = 50_000,
+        resend_window_s: float = 120.0,
+        resend_max_lines: int = 100_000,
     ) -> None:
         if not destinations:
             raise ValueError("at least one Carbon destination is needed")
@@ -283,6 +291,11 @@ class CarbonClient:
         self.lines_spooled = 0
         self.lines_invalid = 0
         self.last_error = ""
+        self.resend_window_s = resend_window_s
+        self.resend_max_lines = resend_max_lines
+        self._recent: deque[tuple[float, Sequence[str]]] = deque()
+        self._recent_lines = 0
+        self._resend: list[str] = []
         self._reachable = True
         self._lock = threading.Lock()
 
@@ -305,23 +318,29 @@ class CarbonClient:
             )
         with self._lock:
             delivered = self._deliver_batches(valid)
-            if not delivered:
-                if self.spool is not None:
-                    self.spool.append(valid)
-                    self.lines_spooled += len(valid)
-                return False
-            if self.spool is not None and len(self.spool):
+            if delivered and self.spool is not None and len(self.spool):
                 replayed = self.spool.replay(self._deliver, self.batch_lines)
                 if replayed:
                     log.info("replayed %d spooled lines, %d left", replayed, len(self.spool))
-            return True
+            # Recently confirmed lines a failed destination may not have written.
+            keep, self._resend = self._resend, []
+            if not delivered:
+                keep.extend(valid)
+            if keep and self.spool is not None:
+                self.spool.append(keep)
+                self.lines_spooled += len(keep)
+            return delivered
 
     def flush_spool(self) -> int:
         """Try to replay the spool alone. Returns lines delivered."""
         if self.spool is None or not len(self.spool):
             return 0
         with self._lock:
-            return self.spool.replay(self._deliver, self.batch_lines)
+            replayed = self.spool.replay(self._deliver, self.batch_lines)
+            keep, self._resend = self._resend, []
+            if keep:
+                self.spool.append(keep)
+            return replayed
 
     def _deliver_batches(self, lines: Sequence[str]) -> bool:
         for start in range(0, len(lines), self.batch_lines):
@@ -343,15 +362,30 @@ class CarbonClient:
                 errors.append(f"{host}:{port}: {exc.__class__.__name__}: {exc}")
                 continue
             self.lines_sent += len(lines)
+            self._remember(lines)
             if not self._reachable:
                 log.info("Carbon reachable again at %s:%d", host, port)
             self._reachable = True
             return True
         self.last_error = "; ".join(errors)
+        self._resend.extend(line for _, batch in self._recent for line in batch)
+        self._recent.clear()
+        self._recent_lines = 0
         if self._reachable:  # say it once per outage, not every cycle
             log.warning("Carbon unreachable (%s): keeping lines in the spool", self.last_error)
         self._reachable = False
         return False
+
+    def _remember(self, lines: Sequence[str]) -> None:
+        """Keep confirmed lines for the resend window (bounded)."""
+        now = time.monotonic()
+        self._recent.append((now, lines))
+        self._recent_lines += len(lines)
+        while self._recent and (
+            self._recent[0][0] < now - self.resend_window_s
+            or self._recent_lines > self.resend_max_lines
+        ):
+            self._recent_lines -= len(self._recent.popleft()[1])
 
     def _send_confirmed(self, host: str, port: int, payload: bytes) -> None:
         deadline = time.monotonic() + self.timeout_s

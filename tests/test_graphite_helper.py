@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import threading
@@ -166,7 +167,11 @@ class RecordingServer:
                     self.received += chunk
 
     def close(self):
+        # shutdown() wakes the blocked accept(); close() alone would not.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.thread.join(timeout=5)
 
 
 def free_port():
@@ -227,3 +232,30 @@ def test_invalid_lines_are_never_sent(tmp_path):
         assert client.lines_invalid == 2
     finally:
         server.close()
+
+
+def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path):
+    """carbon-cache may read a batch and die before writing it: lines confirmed
+    within the resend window go back to the spool when the destination fails."""
+    server = RecordingServer()
+    client = CarbonClient([server.address], timeout_s=1, spool=Spool(tmp_path))
+    assert client.send_lines(lines(2))
+    server.close()  # Carbon stops, perhaps with those lines still in its cache
+    assert not client.send_lines(lines(1, start=2))
+    replacement = RecordingServer()
+    try:
+        client.destinations = [replacement.address]
+        assert client.send_lines(lines(1, start=3))
+        assert replacement.received.decode() == "".join(lines(1, start=3) + lines(3))
+    finally:
+        replacement.close()
+
+
+def test_resend_window_is_bounded(tmp_path):
+    server = RecordingServer()
+    client = CarbonClient([server.address], timeout_s=1, spool=Spool(tmp_path), resend_max_lines=3)
+    for start in range(0, 10, 2):
+        assert client.send_lines(lines(2, start=start))
+    server.close()
+    assert not client.send_lines(lines(1, start=10))
+    assert len(client.spool) <= 3 + 2 + 1
