@@ -44,6 +44,9 @@ EXIT_NO_DEVICE = 3
 # Lines of devices that have answered wait at most this long for the
 # stragglers of the same cycle before they are sent.
 FLUSH_DELAY_S = 0.05
+# While a device is failing, look for it again this often (it may have a new
+# DHCP lease) instead of waiting for the regular re-discovery.
+EARLY_REDISCOVER_S = 60.0
 
 log = logging.getLogger("collector")
 
@@ -431,6 +434,10 @@ class PollLoop:
         if not self.devices:
             return True
         elapsed = time.monotonic() - self._last_discovery
+        if self._failing and elapsed >= min(
+            EARLY_REDISCOVER_S, self.settings.rediscover_interval_s
+        ):
+            return True  # a failing device may have moved to a new address
         return elapsed >= self.settings.rediscover_interval_s
 
     # One device, one cycle
@@ -538,7 +545,8 @@ class PollLoop:
         )
         # Aligned to interval boundaries on the wall clock: every device of a
         # cycle shares the boundary as its timestamp, and nothing drifts.
-        boundary = math.floor(time.time() / self.interval_s) * self.interval_s
+        boundary = math.floor(time.time() / self.interval_s + 1) * self.interval_s
+        await self._sleep_until(boundary)
         while not self.stopping.is_set():
             if self._discovery_due() and (self._discovery is None or self._discovery.done()):
                 if self.devices:

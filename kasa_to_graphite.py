@@ -214,8 +214,13 @@ class KasaCollector(collector.Collector):
         for device in kasa_devices:
             mac = stable_id(device.mac)
             old = self._handles.get(mac)
-            if old is not None and old is not device and old.host != device.host:
-                await _disconnect(old)
+            if old is not None and old is not device:
+                if old.host == device.host:
+                    # Keep polling through the connection we already have.
+                    await _disconnect(device)
+                    device = old
+                else:  # it moved (a new DHCP lease)
+                    await _disconnect(old)
             self._handles[mac] = device
             # 0.7.7 says "KP115(EU)", 0.12 "KP115".
             model = device.model.partition("(")[0]
