@@ -1,1 +1,1 @@
-"""Real servers (carbon-cache, graphite-web, Mosquitto) started on loopback for tests, the demo and benchmarks."""
+"""Real servers (carbon-cache, graphite-web, Mosquitto, carbon-c-relay) started on loopback for tests, the demo and benchmarks."""

@@ -1,0 +1,236 @@
+"""A real graphite-web on a loopback port, reading a CarbonServer's whisper files.
+
+graphite-web 1.1.10 runs in a child process under waitress (a production WSGI
+server), configured by a small local-settings module written to the work
+directory, so every instance has its own sqlite database and data directory.
+It is what the Grafana dashboard tests query to prove each panel target
+returns data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.carbon import (
+    CarbonServer,
+    check_loopback,
+    free_port,
+    log_tail,
+    spawn,
+    terminate,
+    wait_listening,
+)
+
+__all__ = ["GraphiteWeb", "GraphiteWebNotFoundError"]
+
+_SETTINGS_MODULE = "harness_graphite_local_settings"
+
+
+class GraphiteWebNotFoundError(RuntimeError):
+    """graphite-web (or waitress) is not importable in this Python."""
+
+
+def _check_installed() -> None:
+    missing = [m for m in ("graphite", "django", "waitress") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GraphiteWebNotFoundError(
+            f"graphite-web needs {', '.join(missing)} in this Python: run "
+            "`pip install -r requirements-dev.txt` (graphite-web 1.1.10 installs on "
+            "Python <= 3.11 only)"
+        )
+
+
+class GraphiteWeb:
+    """graphite-web serving ``/render`` and ``/metrics/find`` over HTTP on loopback.
+
+    With a ``carbon`` server it also asks carbon's cache (carbonlink) for
+    points not yet on disk, as a real installation does; ``carbonlink=False``
+    shows only what ``CarbonServer.fetch`` sees (a paused carbon then cannot
+    slow renders down). With only a ``whisper_dir`` graphite-web logs a failed
+    CarbonLink query per series, which is harmless.
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        carbon: CarbonServer | None = None,
+        whisper_dir: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        carbonlink: bool = True,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        check_loopback(host)
+        if whisper_dir is None:
+            if carbon is None:
+                raise ValueError("GraphiteWeb needs a carbon server or a whisper_dir")
+            whisper_dir = carbon.data_dir
+        self.work_dir = Path(work_dir)
+        self.whisper_dir = Path(whisper_dir)
+        self.carbon = carbon
+        self.carbonlink = carbonlink and carbon is not None
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.start_timeout_s = start_timeout_s
+        self.log_path = self.work_dir / "graphite-web.log"
+        self.start_seconds: float | None = None  # migrate + serve, last start()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> GraphiteWeb:
+        if self.running:
+            raise RuntimeError("graphite-web is already running")
+        _check_installed()
+        started = time.monotonic()
+        env = self._write_settings()
+        migrate = subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+            env=env,
+            cwd=str(self.work_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=self.start_timeout_s,
+        )
+        if migrate.returncode != 0:
+            raise RuntimeError(
+                f"graphite-web `django-admin migrate` failed:\n{migrate.stdout.decode()[-3000:]}"
+            )
+        self._proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "waitress",
+                f"--listen={self.host}:{self.port}",
+                "--threads=4",
+                "graphite.wsgi:application",
+            ],
+            self.log_path,
+            env=env,
+            cwd=self.work_dir,
+        )
+        try:
+            wait_listening(
+                self._proc, self.address, self.start_timeout_s, "graphite-web", self.log_path
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._proc is not None:
+            terminate(self._proc, timeout_s)
+            self._proc = None
+
+    def __enter__(self) -> GraphiteWeb:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return log_tail(self.log_path, lines)
+
+    # -- queries --
+
+    def get_json(self, path: str, params: Sequence[tuple[str, str]], timeout_s: float = 30.0):
+        """GET ``path`` with ``params`` and decode the JSON answer."""
+        url = f"{self.url}{path}?{urllib.parse.urlencode(list(params))}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"graphite-web answered {exc.code} to {url}: {body}\nlog tail:\n{self.log_tail(15)}"
+            ) from exc
+
+    def render(
+        self,
+        target: str | Sequence[str],
+        from_: str = "-1h",
+        until: str = "now",
+        max_data_points: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """``/render?format=json``: one dict per series, ``datapoints`` as [value, ts] pairs."""
+        targets = [target] if isinstance(target, str) else list(target)
+        params = [("target", t) for t in targets]
+        params += [("from", from_), ("until", until), ("format", "json")]
+        if max_data_points is not None:
+            params.append(("maxDataPoints", str(max_data_points)))
+        return self.get_json("/render", params)
+
+    def find(self, query: str) -> list[dict[str, Any]]:
+        """``/metrics/find``, as Grafana's template variables use it."""
+        return self.get_json("/metrics/find", [("query", query)])
+
+    # -- configuration --
+
+    def _write_settings(self) -> dict[str, str]:
+        storage_dir = self.work_dir / "graphite-web"
+        (storage_dir / "log").mkdir(parents=True, exist_ok=True)
+        carbonlink_hosts = []
+        if self.carbonlink and self.carbon is not None:
+            host, port = self.carbon.cache_query_address
+            carbonlink_hosts = [f"{host}:{port}"]
+        settings = {
+            "SECRET_KEY": "harness-only-not-secret",
+            "STORAGE_DIR": str(storage_dir),
+            "LOG_DIR": str(storage_dir / "log"),
+            "INDEX_FILE": str(storage_dir / "index"),
+            "WHISPER_DIR": str(self.whisper_dir),
+            "STANDARD_DIRS": [str(self.whisper_dir)],
+            "STORAGE_FINDERS": ["graphite.finders.standard.StandardFinder"],
+            "CARBONLINK_HOSTS": carbonlink_hosts,
+            "DATABASES": {
+                "default": {
+                    "ENGINE": "django.db.backends.sqlite3",
+                    "NAME": str(storage_dir / "graphite.db"),
+                }
+            },
+            # No caching: a test that sends more points and renders again
+            # must see them, not a minute-old answer.
+            "CACHES": {"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}},
+            "DEFAULT_CACHE_DURATION": 0,
+            "FIND_CACHE_DURATION": 0,
+            "ALLOWED_HOSTS": ["127.0.0.1", "localhost"],
+            "TIME_ZONE": "UTC",
+        }
+        module = self.work_dir / f"{_SETTINGS_MODULE}.py"
+        module.write_text(
+            "# Generated by harness/graphite_web.py\n"
+            + "".join(f"{key} = {value!r}\n" for key, value in settings.items()),
+            encoding="utf-8",
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.work_dir), env.get("PYTHONPATH", "")) if p
+        )
+        env["DJANGO_SETTINGS_MODULE"] = "graphite.settings"
+        # graphite.settings imports this module as its local_settings.
+        env["GRAPHITE_SETTINGS_MODULE"] = _SETTINGS_MODULE
+        env["GRAPHITE_STORAGE_DIR"] = str(storage_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
