@@ -107,6 +107,50 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+# A unit's WatchdogSec restarts a collector that has not delivered or spooled
+# its lines for that long. A collector whose cycles are further apart than the
+# unit allows (a long PLUG_INTERVAL_S) asks systemd for more time instead of
+# being killed while healthy (WATCHDOG_USEC=, systemd 236 and later).
+WATCHDOG_MISSED_CYCLES = 3
+WATCHDOG_SLACK_S = 60.0
+
+
+def watchdog_timeout_needed_s(cycle_s: float) -> float:
+    """The watchdog timeout a collector pinging every ``cycle_s`` needs."""
+    return WATCHDOG_MISSED_CYCLES * cycle_s + WATCHDOG_SLACK_S
+
+
+def ensure_watchdog_covers(cycle_s: float) -> bool:
+    """Extend systemd's watchdog if it is too short for ``cycle_s`` between pings.
+
+    Returns True when an extension was asked for. A no-op outside systemd or
+    without a watchdog.
+    """
+    configured = os.environ.get("WATCHDOG_USEC", "")
+    owner = os.environ.get("WATCHDOG_PID", "")
+    if not configured.isdigit() or (owner and owner != str(os.getpid())):
+        return False
+    needed_usec = int(watchdog_timeout_needed_s(cycle_s) * 1_000_000)
+    if needed_usec <= int(configured) or not sd_notify(f"WATCHDOG_USEC={needed_usec}"):
+        return False
+    log.info(
+        "watchdog extended from %g s to %g s for %g s between cycles",
+        int(configured) / 1e6,
+        needed_usec / 1e6,
+        cycle_s,
+    )
+    return True
+
+
+def watchdog_ping(status: str) -> bool:
+    """WATCHDOG=1, with a one-line STATUS= for ``systemctl status``.
+
+    Call it only once lines were delivered or spooled: a collector that hangs
+    or stops handing lines over stops pinging, and systemd restarts it.
+    """
+    return sd_notify(f"WATCHDOG=1\nSTATUS={status}")
+
+
 # --- Flags and settings ----------------------------------------------------------
 
 
@@ -406,10 +450,18 @@ class PollLoop:
         self.interval_s = interval_s
         self.once = once
         self.devices: dict[str, Device] = {}
-        self.stopping = asyncio.Event()
+        self._stopping: asyncio.Event | None = None
         self._failing: set[str] = set()
         self._last_discovery = -math.inf
         self._discovery: asyncio.Task | None = None
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set to stop after the current cycle. Made on first use, inside the
+        running loop (Python 3.9 binds an Event to a loop when it is made)."""
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
+        return self._stopping
 
     # Discovery
 
@@ -537,6 +589,7 @@ class PollLoop:
                 return EXIT_NO_DEVICE
             return EXIT_OK
 
+        ensure_watchdog_covers(self.interval_s)
         runtime.log.info(
             "polling %d devices every %g s, sending to %s",
             len(self.devices),
@@ -553,8 +606,13 @@ class PollLoop:
                     self._discovery = asyncio.ensure_future(self.rediscover())
                 else:
                     await self.rediscover()
-            await self.cycle(int(boundary))
-            sd_notify("WATCHDOG=1")
+            ok, failed, delivered = await self.cycle(int(boundary))
+            # Reached only once the cycle's lines (its health lines at least)
+            # were delivered or spooled: a cycle that hangs or raises never pings.
+            watchdog_ping(
+                f"{time.strftime('%H:%M:%S')}: {ok} devices answered, {failed} failed; "
+                + ("lines delivered" if delivered else "Carbon unreachable, lines spooled")
+            )
             next_boundary = math.floor(time.time() / self.interval_s + 1) * self.interval_s
             skipped = round((next_boundary - boundary) / self.interval_s) - 1
             if skipped > 0:
@@ -652,6 +710,9 @@ class LineBatcher:
         self._thread = threading.Thread(target=self._run, name="line-batcher", daemon=True)
 
     def start(self) -> LineBatcher:
+        # With periodic lines, a ping comes at least every periodic_interval_s.
+        if self.periodic is not None:
+            ensure_watchdog_covers(max(self.periodic_interval_s, self.flush_interval_s))
         self._thread.start()
         return self
 
@@ -678,7 +739,11 @@ class LineBatcher:
         if delivered:
             self.runtime.health.metrics_sent += len(lines)
         self.delivered_all &= delivered
-        sd_notify("WATCHDOG=1")
+        # Only after lines were delivered or spooled (see watchdog_ping).
+        watchdog_ping(
+            f"{time.strftime('%H:%M:%S')}: {len(lines)} lines "
+            + ("delivered" if delivered else "spooled, Carbon unreachable")
+        )
         return delivered
 
     def _run(self) -> None:
