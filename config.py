@@ -77,6 +77,48 @@ KASA_PASSWORD = ""
 
 # --- Tuya ---------------------------------------------------------------------
 
+# What `python -m tinytuya wizard` wrote: ids, local keys (secret: keep the file
+# out of git) and DP mappings. Relative to this directory; --devices FILE wins.
+TUYA_DEVICES_FILE = "devices.json"
+# Device id or name -> "host" or "host:port": wins over devices.json's "ip"
+# (static DHCP leases, entries without an address).
+TUYA_ADDRESSES: dict = {}
+# Device id or name -> protocol "3.1", "3.3", "3.4" or "3.5", where devices.json
+# has none or a wrong one (otherwise its announcement says, or it is probed).
+TUYA_VERSIONS: dict = {}
+# Device ids or names never polled.
+TUYA_EXCLUDE: list = []
+# Device id or name -> {metric: {"dp": N, "scale": S}}: wins over the
+# wizard's mapping and the built-in profiles. Sent: raw / 10**S in W, V, A or
+# kWh (or add "unit": "mA", "kW", "Wh"). Metrics: power_watts, voltage_volts,
+# current_amps, energy_kwh (a total kept by the device), is_on ({"dp": N}).
+#   TUYA_SCALING = {"Kettle": {"power_watts": {"dp": 19, "scale": 1}}}
+TUYA_SCALING: dict = {}
+# Readings outside [min, max] are dropped and counted, never sent ("meter":
+# DIN meters, per phase).
+TUYA_RANGES: dict = {
+    "plug": {"power_watts": [0, 4000], "voltage_volts": [80, 300], "current_amps": [0, 20]},
+    "meter": {"power_watts": [0, 25000], "voltage_volts": [80, 300], "current_amps": [0, 100]},
+}
+# tinytuya's timeout per connect or answer. With its one retry a dead device
+# costs about twice this; it is held under a quarter of DEVICE_TIMEOUT_S.
+TUYA_TIMEOUT_S = 2.5
+# One connection per device kept open between polls. Devices serve one local
+# client at a time: False frees it between polls for another (Home Assistant).
+TUYA_PERSISTENT = True
+# A device that resets us is busy with another client: left alone this long.
+TUYA_BUSY_BACKOFF_S = 60.0
+# Power DPs unchanged for this many polls are asked for afresh (UPDATEDPS):
+# some plugs answer from a cache they refresh only when asked.
+TUYA_STALE_POLLS = 3
+# Devices announce themselves over UDP (6666: 3.1, 6667: 3.3/3.4, 7000: 3.5)
+# while no client is connected. Discovery listens (it never broadcasts) when a
+# device has no address or stops answering.
+TUYA_ANNOUNCE_BIND = "0.0.0.0"
+TUYA_ANNOUNCE_PORTS: list = [6666, 6667, 7000]
+# Devices announce about every 5 s.
+TUYA_ANNOUNCE_LISTEN_S = 6.0
+
 # --- ESP32 meter receiver -----------------------------------------------------
 
 # The ESP32 posts over the LAN, so the receiver listens on every interface by
@@ -212,3 +254,32 @@ CIRCUIT_RANGES: dict = {
         "power_watts": [-60000, 60000],
     },
 }
+
+# --- Dashboard ------------------------------------------------------------------
+
+# tools/build_dashboard.py writes the Grafana dashboard and alert rules from
+# these (grafana/dashboards/, grafana/provisioning/alerting/); run it again
+# after changing them (docs/grafana.md).
+# The whole-house meter that today's kWh, the costs, the unmonitored load and
+# the high-power alert count from: "esp32" (the pulse reader,
+# home.electricity.meter.*) or "glow" (a Glow display, home.electricity.glow.*).
+DASHBOARD_HOUSE_METER = "esp32"
+# Devices plugged in behind another monitored plug or circuit, as
+# "<source>.<device>" like their metric paths (e.g. "kasa.monitor" when the
+# monitor's plug sits on the "kasa.office" strip): shown on their own, left out
+# of the sum of monitored devices so their load is not counted twice.
+DASHBOARD_NESTED_DEVICES: list = []
+# The tariff variables' defaults (editable on the dashboard): money per kWh and
+# per day, and the Grafana unit the money is shown in (currencyGBP,
+# currencyEUR, currencyUSD, ...).
+DASHBOARD_UNIT_RATE = 0.245
+DASHBOARD_STANDING_CHARGE = 0.60
+DASHBOARD_CURRENCY_UNIT = "currencyGBP"
+# uid of the Graphite datasource the alert rules query (the dashboard lets
+# you pick one); grafana/provisioning/datasources/graphite.yaml creates it.
+DASHBOARD_DATASOURCE_UID = "home-electricity-graphite"
+# Alerts: whole-house power above this for DASHBOARD_ALERT_HIGH_POWER_S; a
+# device or a collector that sent nothing for DASHBOARD_ALERT_SILENT_S.
+DASHBOARD_ALERT_HIGH_POWER_WATTS = 8000.0
+DASHBOARD_ALERT_HIGH_POWER_S = 900.0
+DASHBOARD_ALERT_SILENT_S = 600.0

@@ -61,6 +61,25 @@ class NameMap:
         }
         stored = read_json(path, {}) if path else {}
         self._names: dict[str, str] = stored if isinstance(stored, dict) else {}
+        self._yield_to_overrides()
+
+    def _yield_to_overrides(self) -> None:
+        """A name the user gives one device in DEVICE_NAMES is taken from any
+        other device that had it, so two devices never write one path."""
+        claimed = {name: key for key, name in self.overrides.items()}
+        for key, name in list(self._names.items()):
+            owner = claimed.get(name)
+            if owner is not None and owner != key:
+                renamed = format_device_name(f"{name}_{key}")
+                log.warning(
+                    "device %s was named %r, which DEVICE_NAMES gives %s: now %r",
+                    key,
+                    name,
+                    owner,
+                    renamed,
+                )
+                self._names[key] = renamed
+                self._save()
 
     def name_for(self, stable_id: str, reported_name: str = "") -> str:
         """The segment for ``stable_id``; remembers it the first time."""

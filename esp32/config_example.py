@@ -13,7 +13,7 @@ WIFI_PASSWORD = "change-me"
 
 # The receiver (esp32_receiver.py on the Raspberry Pi): its address on your
 # LAN, the port it was started with (--port), and the path of the API.
-RECEIVER_URL = "http://192.168.1.20:8080/api/v1/readings"
+RECEIVER_URL = "http://192.168.1.20:5000/api/v1/readings"
 # The bearer token the receiver is configured with.
 TOKEN = "change-me"
 

@@ -80,3 +80,11 @@ def test_second_lock_fails(tmp_path):
         first.release()
     assert second.acquire()
     second.release()
+
+
+def test_override_takes_a_name_from_the_device_that_had_it(tmp_path):
+    path = tmp_path / "names.json"
+    NameMap(path).name_for("id-1", "Meter")
+    names = NameMap(path, {"id-2": "meter"})
+    assert names.name_for("id-2", "x") == "meter"
+    assert names.name_for("id-1", "Meter") == "meter_id_1"

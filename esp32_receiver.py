@@ -1,0 +1,801 @@
+#!/usr/bin/env python3
+"""ESP32 meter receiver: the pulse reader on the smart meter's LED posts here.
+
+    POST /api/v1/readings   Authorization: Bearer <token>, JSON:
+        {device_id, boot_id, seq, uptime_ms, ts?, imp_per_kwh, pulses_total,
+         last_interval_ms?, rssi?, fw?}  or  {"readings": [...]}
+    GET  /healthz           liveness
+    GET  /api/v1/status     each device's last reading, for people
+
+Answers 200 {"ok": true, "seq": n}; 400 naming the bad field; 401; 413; 415.
+Energy is accounted in meter_accounting.py (never counted twice); this file
+checks what arrives, turns accepted readings into Carbon lines
+(``home.electricity.meter.power_kw``, ``power_watts``, ``energy_kwh``,
+``pulses_total``, ``rssi``) and serves the app with waitress. docs/esp32.md
+describes the contract and the set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import waitress
+from flask import Flask, Response, request
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import BadRequest as WaitressBadRequest
+from waitress.utilities import ServerNotImplemented
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+import collector
+from meter_accounting import (
+    ACCEPTED,
+    DUPLICATE,
+    IMPLAUSIBLE,
+    OUTCOMES,
+    REGRESSION,
+    Applied,
+    MeterAccounts,
+    MeterReading,
+)
+from settings import ConfigError
+from state import atomic_write_json
+
+SOURCE = "esp32"
+READINGS_PATH = "/api/v1/readings"
+# The first device to post is the whole-house meter, "meter"; others become
+# "meter_<device_id>" unless DEVICE_NAMES names them (state.NameMap).
+MAIN_METER_NAME = "meter"
+MAX_READINGS_PER_BODY = 1000
+# Whole numbers below 2**53 come through any JSON parser exactly.
+MAX_COUNT = 2**53
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_IMP_PER_KWH = 100_000
+MIN_TOKEN_CHARS = 16
+SERVER_THREADS = 4
+# A client's repeated mistakes are logged at warning level once a minute.
+COMPLAINT_INTERVAL_S = 60.0
+
+# --- The body: check every field ---------------------------------------------
+
+
+class BadReading(ValueError):
+    """A body the contract does not allow; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_body(body: bytes) -> list[MeterReading]:
+    """The readings in a POST body: one reading or {"readings": [...]}.
+
+    Raises BadReading naming the first bad field; nothing is accepted from a
+    body with any bad reading (the firmware then drops it, and the next
+    reading's cumulative count carries its energy).
+    """
+    try:
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadReading("body", "not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadReading("body", f"not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict):
+        raise BadReading("body", "must be a JSON object")
+    if "readings" not in payload:
+        return [parse_reading(payload, "")]
+    items = payload["readings"]
+    if not isinstance(items, list) or not items:
+        raise BadReading("readings", "must be a non-empty list")
+    if len(items) > MAX_READINGS_PER_BODY:
+        raise BadReading("readings", f"more than {MAX_READINGS_PER_BODY} readings")
+    return [parse_reading(item, f"readings[{index}].") for index, item in enumerate(items)]
+
+
+def parse_reading(item: Any, where: str = "") -> MeterReading:
+    """One reading; ``where`` prefixes field names (``readings[3].``)."""
+    if not isinstance(item, dict):
+        raise BadReading(where.rstrip(".") or "body", "must be a JSON object")
+
+    def required(name: str) -> Any:
+        if item.get(name) is None:
+            raise BadReading(where + name, "missing")
+        return item[name]
+
+    return MeterReading(
+        device_id=_identifier(where + "device_id", required("device_id")),
+        boot_id=_identifier(where + "boot_id", required("boot_id")),
+        seq=_count(where + "seq", required("seq")),
+        uptime_ms=_count(where + "uptime_ms", required("uptime_ms")),
+        imp_per_kwh=_number(where + "imp_per_kwh", required("imp_per_kwh"), 0, MAX_IMP_PER_KWH),
+        pulses_total=_count(where + "pulses_total", required("pulses_total")),
+        ts=_optional(item, "ts", where, lambda f, v: _number(f, v, 0, math.inf, low_open=False)),
+        last_interval_ms=_optional(
+            item, "last_interval_ms", where, lambda f, v: _number(f, v, 0, MAX_COUNT)
+        ),
+        rssi=_optional(item, "rssi", where, lambda f, v: _number(f, v, -200, 50, low_open=False)),
+        fw=_optional(item, "fw", where, _firmware),
+    )
+
+
+def _optional(item: dict, name: str, where: str, check: Any) -> Any:
+    value = item.get(name)
+    return None if value is None else check(where + name, value)
+
+
+def _identifier(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise BadReading(field, f"must be 1 to 64 of A-Z a-z 0-9 . _ : - , got {_shown(value)}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(field: str, value: Any) -> int:
+    """A whole number 0 <= n < 2**53 (an integral float such as 12.0 passes)."""
+    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+        raise BadReading(field, f"must be a whole number, got {_shown(value)}")
+    if not 0 <= value < MAX_COUNT:
+        raise BadReading(field, f"must be from 0 to 2**53, got {_shown(value)}")
+    return int(value)
+
+
+def _number(field: str, value: Any, low: float, high: float, low_open: bool = True) -> float:
+    """A finite number in (low, high] (or [low, high] when not ``low_open``)."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise BadReading(field, f"must be a number, got {_shown(value)}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise BadReading(field, f"must be in {bracket}{low:g}, {high:g}], got {_shown(value)}")
+    return value
+
+
+def _firmware(field: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
+        raise BadReading(field, f"must be printable text up to 64 characters, got {_shown(value)}")
+    return value
+
+
+# --- Who may post ------------------------------------------------------------------
+
+
+def _digest(token: str) -> bytes:
+    # Equal-length digests: the comparison time says nothing about the token.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+class TokenCheck:
+    """Bearer tokens: one for every device (ESP32_TOKEN) and/or per device
+    (ESP32_DEVICE_TOKENS, which then bind that device to its own token).
+    Compared in constant time; never logged."""
+
+    def __init__(self, token: str = "", device_tokens: dict[str, str] | None = None) -> None:
+        self._token = _digest(token) if token else None
+        self._device_tokens = {
+            device_id: _digest(device_token)
+            for device_id, device_token in (device_tokens or {}).items()
+        }
+
+    @property
+    def enabled(self) -> bool:
+        return self._token is not None or bool(self._device_tokens)
+
+    def allowed(self, authorization: str | None) -> Allowed | None:
+        """Which devices this Authorization header may post for; None: nobody."""
+        if not self.enabled:
+            return Allowed(everyone=True)
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return None
+        digest = _digest(given.strip())
+        # Every comparison is made, so the time taken does not say which matched.
+        devices = {
+            device_id
+            for device_id, expected in self._device_tokens.items()
+            if hmac.compare_digest(digest, expected)
+        }
+        shared = self._token is not None and hmac.compare_digest(digest, self._token)
+        if not devices and not shared:
+            return None
+        return Allowed(
+            devices=frozenset(devices), shared=shared, own=frozenset(self._device_tokens)
+        )
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The devices one Authorization header may post for."""
+
+    everyone: bool = False  # no token configured (loopback only)
+    devices: frozenset[str] = frozenset()  # whose own token it is
+    shared: bool = False  # it is ESP32_TOKEN
+    own: frozenset[str] = frozenset()  # devices that have a token of their own
+
+    def may_post(self, device_id: str) -> bool:
+        if self.everyone:
+            return True
+        if device_id in self.own:
+            return device_id in self.devices
+        return self.shared
+
+
+def check_tokens(settings: Any) -> TokenCheck:
+    """The configured tokens; raises ConfigError (naming the setting, never the token)."""
+    token = settings.esp32_token
+    device_tokens = settings.esp32_device_tokens
+    for name, value in [("ESP32_TOKEN", token)] + [
+        (f"ESP32_DEVICE_TOKENS[{device_id!r}]", value) for device_id, value in device_tokens.items()
+    ]:
+        if name != "ESP32_TOKEN" and not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string")
+        if value and (
+            len(value) < MIN_TOKEN_CHARS
+            or not (value.isascii() and value.isprintable())
+            or " " in value
+        ):
+            raise ConfigError(
+                f"{name}: a token must be at least {MIN_TOKEN_CHARS} printable ASCII characters"
+                " without spaces (python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+    return TokenCheck(token, device_tokens)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- Timestamps and metrics ------------------------------------------------------------
+
+
+def sample_timestamp(
+    device_ts: float | None,
+    received_at: float,
+    behind_ms: float,
+    max_skew_s: float,
+    max_age_s: float,
+) -> tuple[int, bool]:
+    """(whole seconds, True if the device's own ``ts`` was used).
+
+    The device's ts wins when it is at most ``max_skew_s`` ahead of the server
+    and ``max_age_s`` behind (a reading buffered while off-line). Otherwise the
+    receive time, less how far the reading's uptime is ``behind_ms`` the newest
+    reading of the same post, so a batch does not pile onto one second.
+    """
+    if device_ts is not None and received_at - max_age_s <= device_ts <= received_at + max_skew_s:
+        return int(device_ts), True
+    return int(received_at - behind_ms / 1000), False
+
+
+def meter_values(reading: MeterReading, applied: Applied) -> dict[str, float | None]:
+    """The metrics of one accepted reading (None: not sent)."""
+    power_watts = applied.power_watts
+    return {
+        "power_kw": None if power_watts is None else round(power_watts / 1000, 6),
+        "power_watts": None if power_watts is None else round(power_watts, 3),
+        "energy_kwh": applied.energy_kwh,
+        "pulses_total": reading.pulses_total,
+        "rssi": reading.rssi,
+    }
+
+
+# --- The receiver --------------------------------------------------------------------
+
+
+class Answer:
+    """An HTTP answer: status, JSON payload, and the health counter it counts in."""
+
+    def __init__(self, status: int, payload: dict[str, Any], kind: str = "requests_ok") -> None:
+        self.status = status
+        self.payload = payload
+        self.kind = kind
+
+
+def _error(status: int, kind: str, message: str, field: str = "") -> Answer:
+    payload: dict[str, Any] = {"ok": False, "error": message}
+    if field:
+        payload["field"] = field
+    return Answer(status, payload, kind)
+
+
+class MeterReceiver:
+    """Checks posts, accounts readings, queues their lines, keeps health.
+
+    Thread-safe: waitress calls ``receive`` from several threads; one lock
+    keeps the accounting, the names and the order of lines consistent.
+    """
+
+    REQUEST_COUNTERS = (
+        "requests_ok",
+        "requests_bad",
+        "requests_unauthorized",
+        "requests_too_large",
+        "requests_wrong_type",
+    )
+
+    def __init__(self, runtime: collector.Runtime, tokens: TokenCheck) -> None:
+        self.runtime = runtime
+        self.settings = settings = runtime.settings
+        self.log = runtime.log
+        self.tokens = tokens
+        self.state_path = runtime.state_path("meter.json")
+        self.accounts = MeterAccounts(
+            self.state_path,
+            idle_timeout_s=settings.esp32_idle_timeout_s,
+            max_power_watts=settings.esp32_max_power_watts,
+        )
+        self.lock = threading.Lock()
+        self.first_accepted = threading.Event()  # for --once
+        self.started_at = time.time()
+        self.counters = runtime.health.extra
+        for name in (*self.REQUEST_COUNTERS, "timestamps_replaced"):
+            self.counters[name] = 0
+        for outcome in OUTCOMES:
+            self.counters[f"readings_{outcome}"] = 0
+        self._complaints: dict[tuple[str, str], float] = {}
+        interval_s = settings.meter_interval_s
+        self.batcher = collector.LineBatcher(
+            runtime, interval_s, periodic=self.periodic, periodic_interval_s=interval_s
+        )
+
+    # --- one POST -------------------------------------------------------------------
+
+    def receive(
+        self,
+        authorization: str | None,
+        content_type: str | None,
+        content_length: int | None,
+        read_body: Any,
+        client: str = "",
+    ) -> Answer:
+        """Answer one POST. ``read_body()`` returns the bytes (or raises
+        RequestEntityTooLarge); it is called only once the headers pass."""
+        answer = self._receive(authorization, content_type, content_length, read_body)
+        with self.lock:
+            self.counters[answer.kind] += 1
+        if answer.status != 200:
+            self._complain(client, answer.kind, answer.payload["error"])
+        return answer
+
+    def _receive(
+        self,
+        authorization: str | None,
+        content_type: str | None,
+        content_length: int | None,
+        read_body: Any,
+    ) -> Answer:
+        allowed = self.tokens.allowed(authorization)
+        if allowed is None:
+            return _error(401, "requests_unauthorized", "missing or wrong bearer token")
+        mimetype = (content_type or "").split(";")[0].strip().lower()
+        if mimetype != "application/json":
+            return _error(
+                415,
+                "requests_wrong_type",
+                f"Content-Type must be application/json, got {_shown(mimetype)}",
+            )
+        limit = self.settings.esp32_max_body_bytes
+        if content_length is not None and content_length > limit:
+            return _error(413, "requests_too_large", f"body over {limit} bytes")
+        try:
+            body = read_body()
+        except RequestEntityTooLarge:
+            return _error(413, "requests_too_large", f"body over {limit} bytes")
+        if len(body) > limit:
+            return _error(413, "requests_too_large", f"body over {limit} bytes")
+        try:
+            readings = parse_body(body)
+        except BadReading as exc:
+            return _error(400, "requests_bad", str(exc), exc.field)
+        for index, reading in enumerate(readings):
+            if not allowed.may_post(reading.device_id):
+                field = f"readings[{index}].device_id" if len(readings) > 1 else "device_id"
+                return _error(
+                    401,
+                    "requests_unauthorized",
+                    f"{field}: this token may not post for {reading.device_id!r}",
+                    field,
+                )
+        return self.accept(readings, time.time())
+
+    def accept(self, readings: Sequence[MeterReading], received_at: float) -> Answer:
+        """Account checked readings, queue their lines; the 200 (or 400) answer."""
+        settings = self.settings
+        # Oldest first within each boot, whatever order the body had.
+        order = {}
+        for reading in readings:
+            order.setdefault((reading.device_id, reading.boot_id), len(order))
+        readings = sorted(readings, key=lambda r: (order[(r.device_id, r.boot_id)], r.seq))
+        newest_uptime: dict[tuple[str, str], int] = {}
+        for reading in readings:
+            key = (reading.device_id, reading.boot_id)
+            newest_uptime[key] = max(newest_uptime.get(key, 0), reading.uptime_ms)
+
+        lines: list[str] = []
+        accepted = 0
+        with self.lock:
+            new_devices = {r.device_id for r in readings} - set(self.accounts.devices)
+            if len(self.accounts.devices) + len(new_devices) > settings.esp32_max_devices:
+                return _error(
+                    400,
+                    "requests_bad",
+                    f"device_id: more than ESP32_MAX_DEVICES={settings.esp32_max_devices}"
+                    " devices; raise it in config_local.py",
+                    "device_id",
+                )
+            for reading in readings:
+                applied = self.accounts.apply(reading, received_at)
+                self.counters[f"readings_{applied.outcome}"] += 1
+                if applied.outcome != ACCEPTED:
+                    self._note_refused(reading, applied.outcome)
+                    continue
+                accepted += 1
+                behind_ms = newest_uptime[(reading.device_id, reading.boot_id)] - reading.uptime_ms
+                timestamp, own_ts = sample_timestamp(
+                    reading.ts,
+                    received_at,
+                    behind_ms,
+                    settings.esp32_max_clock_skew_s,
+                    settings.esp32_max_reading_age_s,
+                )
+                if reading.ts is not None and not own_ts:
+                    self.counters["timestamps_replaced"] += 1
+                segment = self.runtime.names.name_for(reading.device_id, MAIN_METER_NAME)
+                lines.extend(
+                    self.runtime.lines("", meter_values(reading, applied), timestamp, group=segment)
+                )
+            self.batcher.add(lines)
+        if accepted and not self.first_accepted.is_set():
+            self.first_accepted.set()
+        return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})
+
+    def _note_refused(self, reading: MeterReading, outcome: str) -> None:
+        where = f"{reading.device_id} boot {reading.boot_id} seq {reading.seq}"
+        if outcome == DUPLICATE:
+            self.log.debug("%s: seen already; ignored", where)
+        elif outcome == REGRESSION:
+            self.log.warning(
+                "%s: pulses_total %d is below the boot's count; change ignored",
+                where,
+                reading.pulses_total,
+            )
+        elif outcome == IMPLAUSIBLE:
+            self.log.warning(
+                "%s: pulses_total %d is more than %g W could make (or imp_per_kwh changed"
+                " within the boot); reading refused",
+                where,
+                reading.pulses_total,
+                self.settings.esp32_max_power_watts,
+            )
+
+    def _complain(self, client: str, kind: str, message: str) -> None:
+        """Log a refused post: a warning once a minute per client and kind."""
+        now = time.monotonic()
+        key = (client, kind)
+        if now - self._complaints.get(key, -math.inf) >= COMPLAINT_INTERVAL_S:
+            if len(self._complaints) > 1000:
+                self._complaints.clear()
+            self._complaints[key] = now
+            self.log.warning("post from %s refused (%s): %s", client or "?", kind, message)
+        else:
+            self.log.debug("post from %s refused (%s): %s", client or "?", kind, message)
+
+    # --- every flush: health and the saved state ---------------------------------------
+
+    def periodic(self, timestamp: int) -> list[str]:
+        """Health lines; saves the accounting state when it changed."""
+        now = time.time()
+        with self.lock:
+            fresh = [
+                device
+                for device in self.accounts.devices.values()
+                if now - device.last.get("received_at", -math.inf) <= self.settings.esp32_stale_s
+            ]
+            self.runtime.health.devices_ok = len(fresh)
+            self.runtime.health.devices_failed = len(self.accounts.devices) - len(fresh)
+            state = self.accounts.to_state() if self.accounts.changed else None
+            lines = self.runtime.health_lines(timestamp)
+        if state is not None and self.state_path is not None:
+            try:
+                atomic_write_json(self.state_path, state)
+            except OSError as exc:
+                self.log.error("cannot save the energy state to %s: %s", self.state_path, exc)
+        return lines
+
+    def status(self) -> dict[str, Any]:
+        """Each device's last reading and the receiver's counters, for people."""
+        with self.lock:
+            devices = [
+                {
+                    "device_id": device.device_id,
+                    "name": self.runtime.names.name_for(device.device_id, MAIN_METER_NAME),
+                    "energy_kwh": device.energy_kwh,
+                    "boots_seen": len(device.boots) + len(device.retired_boot_ids),
+                    "last": dict(device.last),
+                }
+                for device in self.accounts.devices.values()
+            ]
+            counters = dict(self.counters)
+        return {
+            "ok": True,
+            "started_at": int(self.started_at),
+            "devices": devices,
+            "counters": counters,
+        }
+
+
+# --- The web app ------------------------------------------------------------------------
+
+
+def create_app(receiver: MeterReceiver) -> Flask:
+    app = Flask(__name__)
+    # Chunked bodies are cut off at the limit too (waitress also enforces it).
+    app.config["MAX_CONTENT_LENGTH"] = receiver.settings.esp32_max_body_bytes
+
+    def answer(result: Answer) -> Response:
+        response = Response(
+            json.dumps(result.payload, separators=(",", ":")),
+            status=result.status,
+            mimetype="application/json",
+        )
+        if result.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="esp32"'
+        return response
+
+    @app.post(READINGS_PATH)
+    def readings() -> Response:
+        return answer(
+            receiver.receive(
+                request.headers.get("Authorization"),
+                request.headers.get("Content-Type"),
+                request.content_length,
+                lambda: request.get_data(cache=False),
+                client=request.remote_addr or "",
+            )
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return answer(Answer(200, {"ok": True}))
+
+    @app.get("/api/v1/status")
+    def status() -> Response:
+        return answer(Answer(200, receiver.status()))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        # 404, 405 and the like, as JSON like everything else.
+        return answer(Answer(exc.code or 400, {"ok": False, "error": exc.name}))
+
+    return app
+
+
+# --- The server ----------------------------------------------------------------------
+
+
+class _RequestParser(HTTPRequestParser):
+    """waitress answers a Transfer-Encoding it does not know with 501; to a
+    client that is just a bad request (and the contract has no 5xx)."""
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if isinstance(self.error, ServerNotImplemented):
+            self.error = WaitressBadRequest(self.error.body)
+        return consumed
+
+
+class _Channel(HTTPChannel):
+    parser_class = _RequestParser
+
+
+class ReceiverServer:
+    """The app under waitress, in a thread of its own; ``stop()`` from any thread."""
+
+    def __init__(
+        self, app: Flask, host: str, port: int, max_body_bytes: int, threads: int = SERVER_THREADS
+    ) -> None:
+        self._server = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            max_request_body_size=max_body_bytes,
+            channel_timeout=30,
+            ident="esp32-receiver",
+        )
+        self._server.channel_class = _Channel
+        self.host = host
+        self.port = int(self._server.effective_port)
+        self._thread = threading.Thread(target=self._server.run, name="waitress", daemon=True)
+
+    def start(self) -> ReceiverServer:
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop listening, let the requests under way finish, close, join."""
+        server = self._server
+        if not self._thread.is_alive():
+            return
+        # Thunks run in waitress's own loop thread: nothing else touches its sockets.
+        server.trigger.pull_trigger(lambda: setattr(server, "accepting", False))
+        dispatcher = server.task_dispatcher
+        deadline = time.monotonic() + timeout_s
+        while (dispatcher.queue or dispatcher.active_count) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def close_all() -> None:
+            for channel in list(server._map.values()):
+                if isinstance(channel, HTTPChannel):
+                    channel.handle_close()
+            server.close()  # the listening socket and the trigger: the loop ends
+
+        server.trigger.pull_trigger(close_all)
+        self._thread.join(timeout_s)
+        dispatcher.shutdown(cancel_pending=True, timeout=timeout_s)
+
+
+# --- Running it ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = collector.build_parser(SOURCE, "ESP32 meter pulse reader: HTTP receiver to Graphite")
+    parser.prog = "esp32_receiver"
+    parser.add_argument("--bind", metavar="ADDRESS", help="listen address (ESP32_BIND)")
+    parser.add_argument("--port", type=int, metavar="N", help="listen port (ESP32_PORT)")
+    return parser
+
+
+def discover_table(receiver: MeterReceiver) -> str:
+    """--discover: the devices that have posted (from the saved state)."""
+    rows = []
+    for device in receiver.status()["devices"]:
+        last = device["last"]
+        seen = last.get("received_at")
+        rows.append(
+            (
+                device["name"],
+                device["device_id"],
+                last.get("fw", ""),
+                f"{device['energy_kwh']:.3f}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never",
+            )
+        )
+    columns = ("name", "device id", "firmware", "energy kWh", "last post")
+    return collector.format_table(columns, rows)
+
+
+def open_receiver(
+    runtime: collector.Runtime, tokens: TokenCheck
+) -> tuple[MeterReceiver, ReceiverServer]:
+    """The receiver and its listening server; raises ConfigError."""
+    settings = runtime.settings
+    if not tokens.enabled and not is_loopback(settings.esp32_bind):
+        raise ConfigError(
+            f"ESP32_TOKEN: no token set; set ESP32_TOKEN (or ESP32_DEVICE_TOKENS) before"
+            f" listening on {settings.esp32_bind}, or use --bind 127.0.0.1"
+        )
+    runtime.lock()
+    receiver = MeterReceiver(runtime, tokens)
+    try:
+        server = ReceiverServer(
+            create_app(receiver),
+            settings.esp32_bind,
+            settings.esp32_port,
+            settings.esp32_max_body_bytes,
+        )
+    except OSError as exc:
+        runtime.close()
+        raise ConfigError(
+            f"ESP32_PORT: cannot listen on {settings.esp32_bind}:{settings.esp32_port}:"
+            f" {exc.strerror or exc}"
+        ) from None
+    return receiver, server
+
+
+def serve(
+    args: argparse.Namespace,
+    runtime: collector.Runtime,
+    receiver: MeterReceiver,
+    server: ReceiverServer,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or, with --once, the first accepted
+    reading); then finish, send or spool what is left, save the state."""
+    signals: list[int] = []  # appended by the handler: no lock taken there
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: signals.append(number))
+    if not receiver.tokens.enabled:
+        runtime.log.warning("no token set: any local client may post (loopback only)")
+    receiver.batcher.start()
+    server.start()
+    runtime.log.info(
+        "listening on %s:%d%s, sending to %s",
+        server.host,
+        server.port,
+        READINGS_PATH,
+        "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
+    )
+    collector.sd_notify("READY=1")
+    try:
+        while not signals and server.alive:
+            if args.once and receiver.first_accepted.is_set():
+                break
+            time.sleep(0.2)
+        server_died = not server.alive
+    finally:
+        collector.sd_notify("STOPPING=1")
+        runtime.log.info("stopping: finishing requests under way, sending what is left")
+        server.stop()
+        delivered = receiver.batcher.stop()  # also saves the energy state
+        runtime.close()
+    if server_died:
+        print(f"{SOURCE}: the HTTP server stopped unexpectedly (see the log)", file=sys.stderr)
+        return collector.EXIT_UNDELIVERED
+    # A service reports how its last lines went; --once, how the whole run went.
+    if not delivered or (args.once and not receiver.batcher.delivered_all):
+        print(runtime.undelivered_message(), file=sys.stderr)
+        return collector.EXIT_UNDELIVERED
+    return collector.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = collector.common_overrides(args, "meter_interval_s")
+        if args.bind:
+            overrides["ESP32_BIND"] = args.bind
+        if args.port is not None:
+            overrides["ESP32_PORT"] = args.port
+        runtime = collector.open_runtime(SOURCE, args, overrides)
+        tokens = check_tokens(runtime.settings)
+        if args.discover:
+            receiver = MeterReceiver(runtime, tokens)
+            sys.stdout.write(discover_table(receiver))
+            return collector.EXIT_OK if receiver.accounts.devices else collector.EXIT_NO_DEVICE
+        receiver, server = open_receiver(runtime, tokens)
+    except ConfigError as exc:
+        print(f"{SOURCE}: {exc}", file=sys.stderr)
+        return collector.EXIT_CONFIG
+    return serve(args, runtime, receiver, server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

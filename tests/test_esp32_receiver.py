@@ -1,0 +1,816 @@
+"""ESP32 meter receiver: the body contract, tokens, energy accounting, the HTTP
+server on loopback, and the script end to end into a real carbon-cache."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import collector
+from esp32 import pulse_logic as pl
+from esp32_receiver import (
+    SOURCE,
+    BadReading,
+    MeterReceiver,
+    ReceiverServer,
+    TokenCheck,
+    check_tokens,
+    create_app,
+    parse_body,
+    sample_timestamp,
+)
+from graphite_helper import is_valid_line
+from meter_accounting import (
+    ACCEPTED,
+    BOOTS_KEPT,
+    DUPLICATE,
+    IMPLAUSIBLE,
+    REGRESSION,
+    MeterAccounts,
+    MeterReading,
+    estimate_power_watts,
+)
+from settings import ConfigError, load_settings
+from simulators.esp32 import SimClock, SimulatedEsp32
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789abcdef"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+# --- Helpers: a receiver on a loopback port, lines captured -------------------------
+
+
+class CapturingSink:
+    """Stands in for Carbon in the in-process tests: keeps every line sent."""
+
+    spool = None
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def send_lines(self, lines: list[str]) -> bool:
+        with self._lock:
+            self.lines.extend(lines)
+        return True
+
+    def flush_spool(self) -> int:
+        return 0
+
+
+def receiver_settings(state_dir: Path, **overrides: Any) -> Any:
+    values = {
+        "ESP32_TOKEN": TOKEN,
+        "ESP32_BIND": "127.0.0.1",
+        "METER_INTERVAL_S": 0.1,
+        "STATE_DIR": str(state_dir),
+        **overrides,
+    }
+    return load_settings(env={}, local_path=state_dir / "no_config_local.py", overrides=values)
+
+
+class RunningReceiver:
+    """The receiver's app under waitress in this process, with its state in
+    ``state_dir`` (so a new one over the same dir is a receiver restart)."""
+
+    def __init__(self, state_dir: Path, **overrides: Any) -> None:
+        settings = receiver_settings(state_dir, **overrides)
+        self.runtime = collector.Runtime(SOURCE, settings)
+        self.sink = CapturingSink()
+        self.runtime.sink = self.sink
+        self.receiver = MeterReceiver(self.runtime, check_tokens(settings))
+        self.server = ReceiverServer(
+            create_app(self.receiver), "127.0.0.1", 0, settings.esp32_max_body_bytes
+        )
+        self.url = f"{self.server.url}/api/v1/readings"
+
+    def start(self) -> RunningReceiver:
+        self.receiver.batcher.start()
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.receiver.batcher.stop()
+
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict | None = None
+    ) -> tuple[int, Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data
+
+    def post(self, payload: Any, headers: dict | None = None) -> tuple[int, Any]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request(
+            "POST", "/api/v1/readings", body, HEADERS if headers is None else headers
+        )
+
+    def points(self, metric: str, segment: str = "meter") -> list[tuple[int, float]]:
+        self.receiver.batcher.flush()
+        path = f"home.electricity.{segment}.{metric}"
+        points = []
+        for line in list(self.sink.lines):
+            name, value, timestamp = line.split()
+            if name == path:
+                points.append((int(timestamp), float(value)))
+        return points
+
+
+@pytest.fixture
+def running(tmp_path: Path):
+    started: list[RunningReceiver] = []
+
+    def start(**overrides: Any) -> RunningReceiver:
+        receiver = RunningReceiver(tmp_path / "state", **overrides).start()
+        started.append(receiver)
+        return receiver
+
+    try:
+        yield start
+    finally:
+        for receiver in started:
+            receiver.stop()
+
+
+def reading(seq: int, pulses: int, boot: str = "boot1", device: str = "esp32-a", **extra: Any):
+    """A reading exactly as the firmware's pure logic makes it."""
+    fields = {"uptime_ms": seq * 10_000, **extra}
+    return pl.make_reading(device, boot, seq, imp_per_kwh=1000, pulses_total=pulses, **fields)
+
+
+def as_reading(raw: dict) -> MeterReading:
+    return parse_body(json.dumps(raw).encode())[0]
+
+
+# --- The body contract -------------------------------------------------------------------
+
+
+def test_firmware_readings_and_batches_parse():
+    now = int(time.time())
+    single = reading(3, 42, ts=now, last_interval_ms=1800, rssi=-67, fw="pulse-reader/1.0")
+    [parsed] = parse_body(json.dumps(pl.body_for([single])).encode())
+    assert parsed == MeterReading(
+        "esp32-a", "boot1", 3, 30_000, 1000, 42, now, 1800, -67, "pulse-reader/1.0"
+    )
+    batch = [reading(seq, seq * 5) for seq in (1, 2, 3)]
+    parsed = parse_body(json.dumps(pl.body_for(batch)).encode())
+    assert [r.seq for r in parsed] == [1, 2, 3]
+    assert parsed[0].ts is None and parsed[0].rssi is None
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"device_id": ""}, "device_id"),
+        ({"device_id": "has space"}, "device_id"),
+        ({"device_id": "x" * 65}, "device_id"),
+        ({"device_id": 7}, "device_id"),
+        ({"boot_id": None}, "boot_id"),
+        ({"seq": -1}, "seq"),
+        ({"seq": 1.5}, "seq"),
+        ({"seq": True}, "seq"),
+        ({"seq": "3"}, "seq"),
+        ({"seq": 2**53}, "seq"),
+        ({"uptime_ms": None}, "uptime_ms"),
+        ({"imp_per_kwh": 0}, "imp_per_kwh"),
+        ({"imp_per_kwh": -1000}, "imp_per_kwh"),
+        ({"imp_per_kwh": 1e9}, "imp_per_kwh"),
+        ({"pulses_total": -5}, "pulses_total"),
+        ({"pulses_total": 1e300}, "pulses_total"),
+        ({"ts": "yesterday"}, "ts"),
+        ({"ts": -1}, "ts"),
+        ({"last_interval_ms": 0}, "last_interval_ms"),
+        ({"last_interval_ms": [1]}, "last_interval_ms"),
+        ({"rssi": -500}, "rssi"),
+        ({"fw": "x\n"}, "fw"),
+        ({"fw": 1.0}, "fw"),
+    ],
+)
+def test_each_bad_field_is_named(change, field):
+    raw = {**reading(1, 0), **change}
+    with pytest.raises(BadReading) as caught:
+        parse_body(json.dumps(raw).encode())
+    assert caught.value.field == field
+    with pytest.raises(BadReading) as caught:
+        parse_body(json.dumps({"readings": [reading(1, 0), raw]}).encode())
+    assert caught.value.field == f"readings[1].{field}"
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"", "body"),
+        (b"\xff\xfe{}", "body"),
+        (b"[1, 2]", "body"),
+        (b'"reading"', "body"),
+        (b"{", "body"),
+        (b"[" * 100_000, "body"),
+        (b'{"readings": []}', "readings"),
+        (b'{"readings": {"seq": 1}}', "readings"),
+        (b'{"readings": [7]}', "readings[0]"),
+        (b"{}", "device_id"),
+    ],
+)
+def test_malformed_bodies_are_refused(body, field):
+    with pytest.raises(BadReading) as caught:
+        parse_body(body)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_non_finite_numbers_are_refused(constant):
+    body = (
+        json.dumps(reading(1, 0))
+        .encode()
+        .replace(b'"pulses_total": 0', b'"pulses_total": ' + constant)
+    )
+    with pytest.raises(BadReading) as caught:
+        parse_body(body)
+    assert caught.value.field in ("body", "pulses_total")
+
+
+def test_unknown_fields_and_integral_floats_are_accepted():
+    raw = {**reading(2, 10), "seq": 2.0, "heap_free": 12345, "rssi": None}
+    [parsed] = parse_body(json.dumps(raw).encode())
+    assert parsed.seq == 2 and isinstance(parsed.seq, int) and parsed.rssi is None
+
+
+# --- Tokens ------------------------------------------------------------------------------
+
+
+def test_shared_token_admits_every_device():
+    tokens = TokenCheck(TOKEN)
+    assert tokens.allowed(f"Bearer {TOKEN}").may_post("anything")
+    assert tokens.allowed(f"bearer   {TOKEN}  ").may_post("anything")
+    for header in (None, "", "Bearer", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer wrong"):
+        assert tokens.allowed(header) is None
+
+
+def test_device_tokens_bind_devices_to_their_own_token():
+    tokens = TokenCheck(
+        TOKEN, {"esp32-a": "a-token-0123456789abcdef", "esp32-b": "b-token-0123456789abcdef"}
+    )
+    own = tokens.allowed("Bearer a-token-0123456789abcdef")
+    assert own.may_post("esp32-a") and not own.may_post("esp32-b") and not own.may_post("esp32-c")
+    shared = tokens.allowed(f"Bearer {TOKEN}")
+    assert shared.may_post("esp32-c") and not shared.may_post("esp32-a")
+    only_devices = TokenCheck("", {"esp32-a": "a-token-0123456789abcdef"})
+    assert only_devices.allowed(f"Bearer {TOKEN}") is None
+
+
+def test_no_token_means_no_check():
+    assert not TokenCheck().enabled
+    assert TokenCheck().allowed(None).may_post("esp32-a")
+
+
+def test_weak_tokens_are_refused_without_showing_them(tmp_path):
+    for overrides in (
+        {"ESP32_TOKEN": "change-me"},
+        {"ESP32_DEVICE_TOKENS": {"esp32-a": "short secret"}},
+    ):
+        settings = receiver_settings(tmp_path, **overrides)
+        with pytest.raises(ConfigError) as caught:
+            check_tokens(settings)
+        assert "change-me" not in str(caught.value) and "short secret" not in str(caught.value)
+
+
+# --- Timestamps --------------------------------------------------------------------------
+
+
+def test_device_ts_is_used_within_the_skew_else_the_receive_time():
+    now = 1_800_000_000.4
+    assert sample_timestamp(now - 5, now, 0, 300, 86400) == (1_799_999_995, True)
+    assert sample_timestamp(now - 3600, now, 0, 300, 86400) == (1_799_996_400, True)  # buffered
+    assert sample_timestamp(now + 301, now, 0, 300, 86400) == (1_800_000_000, False)
+    assert sample_timestamp(now - 86401, now, 0, 300, 86400) == (1_800_000_000, False)
+    assert sample_timestamp(None, now, 20_000, 300, 86400) == (1_799_999_980, False)
+
+
+# --- Accounting ------------------------------------------------------------------------------
+
+
+def accounts(tmp_path: Path | None = None, **kwargs: Any) -> MeterAccounts:
+    return MeterAccounts(tmp_path / "meter.json" if tmp_path else None, **kwargs)
+
+
+def apply(book: MeterAccounts, raw: dict, received_at: float = 1_800_000_000.0) -> str:
+    return book.apply(as_reading(raw), received_at).outcome
+
+
+def test_energy_is_the_pulse_count_and_repeats_add_nothing():
+    book = accounts()
+    assert apply(book, reading(1, 100)) == ACCEPTED
+    assert apply(book, reading(2, 250)) == ACCEPTED
+    assert apply(book, reading(2, 250)) == DUPLICATE
+    assert apply(book, reading(1, 100)) == DUPLICATE
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.25)
+
+
+def test_lost_readings_lose_no_energy():
+    book = accounts()
+    apply(book, reading(1, 100))
+    apply(book, reading(7, 900))  # 2 to 6 never arrived
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.9)
+
+
+def test_a_reboot_starts_a_new_count_from_zero():
+    book = accounts()
+    apply(book, reading(1, 100))
+    apply(book, reading(2, 300))
+    assert apply(book, reading(1, 40, boot="boot2")) == ACCEPTED
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.34)
+    # A late reading of the previous boot still counts, once.
+    assert apply(book, reading(3, 320)) == ACCEPTED
+    assert apply(book, reading(3, 320)) == DUPLICATE
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.36)
+
+
+def test_a_negative_change_is_ignored_and_counted():
+    book = accounts()
+    assert apply(book, reading(1, 50)) == ACCEPTED
+    assert apply(book, reading(2, 20)) == REGRESSION
+    assert apply(book, reading(3, 60)) == ACCEPTED
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.06)
+
+
+def test_impossible_pulse_counts_are_refused():
+    book = accounts(max_power_watts=30_000)
+    # 30 kW at 1000 imp/kWh is 83 pulses in 10 s: 10,000 is a glitch.
+    assert apply(book, reading(1, 10_000)) == IMPLAUSIBLE
+    assert apply(book, reading(1, 80)) == ACCEPTED
+    assert apply(book, reading(2, 5_000_000)) == IMPLAUSIBLE
+    assert apply(book, reading(3, 200)) == ACCEPTED
+    assert apply(book, {**reading(4, 210), "imp_per_kwh": 3200}) == IMPLAUSIBLE
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.2)
+
+
+def test_old_boots_retire_and_their_late_readings_are_ignored():
+    book = accounts()
+    for boot in range(BOOTS_KEPT + 3):
+        apply(book, reading(1, 10, boot=f"boot{boot}"))
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.01 * (BOOTS_KEPT + 3))
+    assert apply(book, reading(2, 20, boot="boot0")) == DUPLICATE  # retired
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.01 * (BOOTS_KEPT + 3))
+
+
+def test_the_state_survives_a_restart_without_double_counting(tmp_path):
+    book = accounts(tmp_path)
+    for seq in range(1, 4):
+        apply(book, reading(seq, seq * 100))
+    apply(book, reading(1, 50, boot="boot2"))
+    from state import atomic_write_json
+
+    atomic_write_json(tmp_path / "meter.json", book.to_state())
+    again = accounts(tmp_path)
+    assert again.energy_kwh("esp32-a") == pytest.approx(0.35)
+    assert apply(again, reading(3, 300)) == DUPLICATE
+    assert apply(again, reading(1, 50, boot="boot2")) == DUPLICATE
+    assert apply(again, reading(2, 90, boot="boot2")) == ACCEPTED
+    assert again.energy_kwh("esp32-a") == pytest.approx(0.39)
+
+
+def test_a_damaged_state_file_starts_empty(tmp_path):
+    (tmp_path / "meter.json").write_text('{"version": 1, "devices": {"esp32-a": {"boots": 3}}}')
+    assert accounts(tmp_path).energy_kwh("esp32-a") is None
+    (tmp_path / "meter.json").write_text("not json")
+    assert accounts(tmp_path).devices == {}
+
+
+def test_power_from_the_pulse_interval():
+    book = accounts()
+    result = book.apply(as_reading(reading(1, 10, last_interval_ms=1800)), 0)
+    assert result.power_watts == pytest.approx(2000)  # 3.6e6 / (1000 x 1.8 s)
+    result = book.apply(as_reading(reading(2, 30, last_interval_ms=450)), 0)
+    assert result.power_watts == pytest.approx(8000)
+
+
+def test_power_falls_when_pulses_stop():
+    book = accounts(idle_timeout_s=300)
+    book.apply(as_reading(reading(1, 10, last_interval_ms=1800)), 0)
+    # The same count 30 s later: the next pulse is over 30 s away, so at most 120 W.
+    later = book.apply(
+        as_reading({**reading(2, 10, last_interval_ms=1800), "uptime_ms": 40_000}), 0
+    )
+    assert later.power_watts == pytest.approx(120)
+    idle = book.apply(
+        as_reading({**reading(3, 10, last_interval_ms=1800), "uptime_ms": 400_000}), 0
+    )
+    assert idle.power_watts == 0
+
+
+def test_power_from_pulses_over_time_without_intervals():
+    book = accounts()
+    assert book.apply(as_reading(reading(1, 10)), 0).power_watts is None  # no window yet
+    # 5 pulses in the 10 s since the count last changed: 1800 W at 1000 imp/kWh.
+    assert book.apply(as_reading(reading(2, 15)), 0).power_watts == pytest.approx(1800)
+    # No pulse for 10 s: held, but capped by the silence (3.6e6 / 10 s / 1000 = 360 W).
+    assert book.apply(as_reading(reading(3, 15)), 0).power_watts == pytest.approx(360)
+
+
+def test_estimate_power_edges():
+    assert estimate_power_watts(1000, None, 0, 0, None, 0, 300_000) is None
+    assert estimate_power_watts(1000, None, 0, 0, None, 300_000, 300_000) == 0.0
+    assert estimate_power_watts(3200, 45, 0, 0, None, 0, 300_000) == pytest.approx(25_000)
+
+
+# --- Over HTTP, on loopback ---------------------------------------------------------------
+
+
+def test_answers_for_each_kind_of_post(running):
+    receiver = running()
+    assert receiver.post(reading(1, 5)) == (200, {"ok": True, "seq": 1, "accepted": 1})
+    assert receiver.post(reading(1, 5)) == (200, {"ok": True, "seq": 1, "accepted": 0})
+
+    status, answer = receiver.post({**reading(2, 9), "pulses_total": "nine"})
+    assert status == 400 and answer["field"] == "pulses_total" and "pulses_total" in answer["error"]
+
+    for headers in ({}, {"Authorization": "Bearer nope", "Content-Type": "application/json"}):
+        status, answer = receiver.post(reading(2, 9), headers=headers)
+        assert status == 401 and answer["ok"] is False
+        assert TOKEN not in json.dumps(answer)
+
+    status, _ = receiver.post(reading(2, 9), headers={**HEADERS, "Content-Type": "text/plain"})
+    assert status == 415
+    status, _ = receiver.post(b"x" * 70_000)
+    assert status == 413
+    status, answer = receiver.post(b"{not json")
+    assert status == 400 and answer["field"] == "body"
+
+    assert receiver.request("GET", "/healthz") == (200, {"ok": True})
+    assert receiver.request("GET", "/api/v1/readings")[0] == 405
+    assert receiver.request("GET", "/nothing/here")[0] == 404
+    counters = receiver.receiver.counters
+    assert counters["requests_ok"] == 2 and counters["requests_bad"] == 2
+    assert counters["requests_unauthorized"] == 2 and counters["requests_wrong_type"] == 1
+    assert counters["readings_accepted"] == 1 and counters["readings_duplicate"] == 1
+
+
+def test_a_chunked_body_is_read_and_limited(running):
+    receiver = running(ESP32_MAX_BODY_BYTES=2048)
+
+    def chunked(body: bytes) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=10)
+        try:
+            connection.request(
+                "POST",
+                "/api/v1/readings",
+                body=iter([body[:10], body[10:]]),
+                headers=HEADERS,
+                encode_chunked=True,
+            )
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert chunked(json.dumps(reading(1, 5)).encode()) == 200
+    batch = {"readings": [reading(seq, seq) for seq in range(2, 40)]}
+    assert chunked(json.dumps(batch).encode()) == 413
+
+
+def test_broken_http_gets_a_4xx_not_a_5xx(running):
+    receiver = running()
+    for request in (
+        b"POST /api/v1/readings HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\nxx",
+        b"POST /api/v1/readings HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"\x00 / HTTP/1.1\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", receiver.server.port), timeout=5) as sock:
+            sock.sendall(request)
+            status_line = sock.makefile("rb").readline()
+        assert status_line.split()[1] == b"400", (request, status_line)
+
+
+def test_a_token_may_post_only_for_its_own_device(running):
+    receiver = running(ESP32_TOKEN="", ESP32_DEVICE_TOKENS={"esp32-a": "a-token-0123456789abcdef"})
+    own = {"Authorization": "Bearer a-token-0123456789abcdef", "Content-Type": "application/json"}
+    assert receiver.post(reading(1, 5), headers=own)[0] == 200
+    status, answer = receiver.post(reading(1, 5, device="esp32-b"), headers=own)
+    assert status == 401 and answer["field"] == "device_id"
+    status, answer = receiver.post(
+        {"readings": [reading(2, 6), reading(1, 5, device="esp32-b")]}, headers=own
+    )
+    assert status == 401 and answer["field"] == "readings[1].device_id"
+    assert receiver.receiver.accounts.energy_kwh("esp32-a") == pytest.approx(0.005)  # nothing of it
+
+
+def test_lines_name_the_main_meter_and_then_the_others(running):
+    receiver = running()
+    now = int(time.time())
+    receiver.post(reading(1, 5, ts=now - 20, last_interval_ms=1800, rssi=-61))
+    receiver.post(reading(1, 7, device="esp32-garage", ts=now - 10))
+    assert receiver.points("power_kw") == [(now - 20, 2.0)]
+    assert receiver.points("power_watts") == [(now - 20, 2000.0)]
+    assert receiver.points("energy_kwh") == [(now - 20, 0.005)]
+    assert receiver.points("pulses_total") == [(now - 20, 5.0)]
+    assert receiver.points("rssi") == [(now - 20, -61.0)]
+    assert receiver.points("energy_kwh", segment="meter_esp32_garage") == [(now - 10, 0.007)]
+    assert all(is_valid_line(line) for line in receiver.sink.lines)
+    assert any(
+        line.startswith("home.electricity.health.esp32.readings_accepted ")
+        for line in receiver.sink.lines
+    )
+
+
+def test_a_batch_without_clock_is_spread_back_from_the_receive_time(running):
+    receiver = running()
+    before = int(time.time())
+    batch = [reading(seq, seq * 3) for seq in (1, 2, 3)]  # no ts: NTP not synced yet
+    assert receiver.post({"readings": batch})[0] == 200
+    stamps = [timestamp for timestamp, _ in receiver.points("pulses_total")]
+    assert stamps[2] - stamps[0] == 20 and stamps[1] - stamps[0] == 10
+    assert before <= stamps[2] <= time.time()
+
+
+def test_status_page_shows_each_device(running):
+    receiver = running()
+    receiver.post(reading(1, 5, fw="pulse-reader/1.0"))
+    status, page = receiver.request("GET", "/api/v1/status")
+    assert status == 200
+    [device] = page["devices"]
+    assert device["device_id"] == "esp32-a" and device["name"] == "meter"
+    assert device["energy_kwh"] == pytest.approx(0.005)
+    assert device["last"]["seq"] == 1 and device["last"]["fw"] == "pulse-reader/1.0"
+    assert TOKEN not in json.dumps(page)
+
+
+def test_too_many_devices_are_refused(running):
+    receiver = running(ESP32_MAX_DEVICES=2)
+    assert receiver.post(reading(1, 5, device="a1"))[0] == 200
+    assert receiver.post(reading(1, 5, device="a2"))[0] == 200
+    status, answer = receiver.post(reading(1, 5, device="a3"))
+    assert status == 400 and answer["field"] == "device_id"
+
+
+def sim_esp32(receiver: RunningReceiver, **kwargs: Any) -> SimulatedEsp32:
+    kwargs.setdefault("seed", 7)
+    kwargs.setdefault("clock", SimClock(time.time() - 3000))
+    return SimulatedEsp32(receiver.url, TOKEN, kwargs.pop("device_id", "esp32-sim"), **kwargs)
+
+
+def test_simulated_esp32_through_drops_retries_duplicates_and_reboots(running):
+    receiver = running()
+    sim = sim_esp32(receiver, power_watts=2400)
+    sim.step(120)
+    sim.drop_next_posts(3)
+    sim.step(60)
+    sim.drop_next_responses(2)  # received, but the device retries them
+    sim.step(60)
+    sim.duplicate_next_post()
+    sim.step(30)
+    sim.reboot(downtime_s=20)
+    sim.power_watts = 600
+    sim.step(120)
+    assert sim.flush()
+    accounts = receiver.receiver.accounts
+    assert accounts.energy_kwh("esp32-sim") == pytest.approx(sim.energy_kwh_expected, abs=1e-9)
+    assert receiver.receiver.counters["readings_duplicate"] >= 3
+    assert all(record.status in (200, None) for record in sim.history)
+    energy = receiver.points("energy_kwh")
+    assert energy[-1][1] == pytest.approx(sim.energy_kwh_expected, abs=1e-6)
+    assert [value for _, value in energy] == sorted(value for _, value in energy)
+    power = [value for _, value in receiver.points("power_watts")]
+    assert power[-1] == pytest.approx(600, rel=0.01)
+
+
+def test_a_receiver_restart_neither_loses_nor_double_counts(running):
+    first = running()
+    sim = sim_esp32(first, power_watts=3000)
+    sim.step(100)
+    sim.drop_next_responses(1)  # the receiver has seq 11, the device does not know
+    sim.step(10)
+    first.stop()
+    sim.step(50)  # receiver down: the device buffers and backs off
+    second = running()
+    sim.url = second.url
+    sim.flush()
+    assert second.receiver.accounts.energy_kwh("esp32-sim") == pytest.approx(
+        sim.energy_kwh_expected, abs=1e-9
+    )
+    assert second.receiver.counters["readings_duplicate"] >= 1
+    assert second.points("energy_kwh")[-1][1] == pytest.approx(sim.energy_kwh_expected, abs=1e-6)
+
+
+def test_several_devices_posting_at_once(running):
+    receiver = running()
+    sims = [
+        sim_esp32(receiver, device_id=f"esp32-{n}", power_watts=500 * (n + 1), seed=n)
+        for n in range(4)
+    ]
+    threads = [threading.Thread(target=sim.step, args=(300,)) for sim in sims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sim in sims:
+        sim.flush()
+        assert receiver.receiver.accounts.energy_kwh(sim.device_id) == pytest.approx(
+            sim.energy_kwh_expected, abs=1e-9
+        )
+
+
+def test_stop_saves_the_state(tmp_path):
+    receiver = RunningReceiver(tmp_path / "state").start()
+    receiver.post(reading(1, 1234, uptime_ms=3_600_000))
+    receiver.stop()
+    saved = json.loads((tmp_path / "state" / "esp32" / "meter.json").read_text())
+    assert saved["devices"]["esp32-a"]["boots"][0]["pulses"] == 1234
+    assert TOKEN not in (tmp_path / "state" / "esp32" / "meter.json").read_text()
+
+
+# --- The script end to end ---------------------------------------------------------------
+
+
+def hermetic_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment for the script: no config_local.py, state in tmp_path."""
+    empty_config = tmp_path / "config_local.py"
+    empty_config.touch()
+    return {
+        **os.environ,
+        "ELECTRICITY_CONFIG": str(empty_config),
+        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
+        "ESP32_TOKEN": TOKEN,
+        **extra,
+    }
+
+
+def run_script(
+    tmp_path: Path, *args: str, timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "esp32_receiver.py"), *args],
+        env=hermetic_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+class ReceiverProcess:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        from harness.carbon import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api/v1/readings"
+        env = hermetic_env(tmp_path)
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        self.stderr_path = tmp_path / "logs" / f"receiver-{self.port}.log"
+        self.stdout_path = tmp_path / "logs" / f"receiver-{self.port}.out"
+        argv = [
+            sys.executable,
+            str(ROOT / "esp32_receiver.py"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    connection.close()
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"receiver did not start: {self.stderr_path.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def receiver_process(tmp_path: Path):
+    started: list[ReceiverProcess] = []
+
+    def start(*args: str) -> ReceiverProcess:
+        process = ReceiverProcess(tmp_path, *args)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+
+
+@pytest.mark.slow
+def test_end_to_end_into_carbon_across_a_receiver_restart(
+    carbon_server, receiver_process, tmp_path
+):
+    carbon = f"127.0.0.1:{carbon_server.port}"
+    args = ("--carbon", carbon, "--state-dir", str(tmp_path / "state"), "--interval", "0.2")
+    first = receiver_process(*args)
+    clock = SimClock(time.time() - 1800)  # readings of the last half hour: in the 1 s archive
+    sim = SimulatedEsp32(first.url, TOKEN, "esp32-meter", clock=clock, power_watts=3000, seed=3)
+    sim.step(300)
+    sim.drop_next_responses(1)
+    sim.step(10)
+    assert first.stop() == 0, first.stderr_path.read_text()
+    second = receiver_process(*args)
+    sim.url = second.url
+    sim.power_watts = 1200
+    sim.step(300)
+    sim.reboot(downtime_s=30)
+    sim.step(300)
+    assert sim.flush()
+    assert second.stop() == 0, second.stderr_path.read_text()
+
+    expected_kwh = sim.energy_kwh_expected
+    energy = carbon_server.wait_for_points("home.electricity.meter.energy_kwh", count=90)
+    assert energy[-1][1] == pytest.approx(expected_kwh, abs=1e-6)
+    assert [value for _, value in energy] == sorted(value for _, value in energy)
+    power = carbon_server.wait_for_points("home.electricity.meter.power_kw", count=90)
+    assert power[5][1] == pytest.approx(3.0, rel=0.01)
+    assert power[-1][1] == pytest.approx(1.2, rel=0.01)
+    assert carbon_server.wait_for_points("home.electricity.meter.power_watts")[-1][
+        1
+    ] == pytest.approx(1200, rel=0.01)
+    assert carbon_server.wait_for_points("home.electricity.meter.rssi")[-1][1] == -60
+    assert carbon_server.wait_for_points("home.electricity.health.esp32.readings_duplicate")
+    assert TOKEN not in first.stderr_path.read_text() + second.stderr_path.read_text()
+
+
+def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_process, tmp_path):
+    process = receiver_process("--dry-run", "--once", "--interval", "0.2")
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+    connection.request(
+        "POST",
+        "/api/v1/readings",
+        body=json.dumps(reading(1, 5, ts=int(time.time()))),
+        headers=HEADERS,
+    )
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert process.proc.wait(timeout=20) == 0
+    out = process.stdout_path.read_text()
+    assert out and all(is_valid_line(line) for line in out.splitlines(keepends=True))
+    assert "home.electricity.meter.energy_kwh 0.005 " in out
+    assert not (tmp_path / "state").exists()
+
+
+def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
+    result = run_script(tmp_path, "--bind", "0.0.0.0", "--port", "5000", ESP32_TOKEN="")
+    assert result.returncode == collector.EXIT_CONFIG
+    assert result.stderr.strip().count("\n") == 0 and "ESP32_TOKEN" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_weak_token_is_a_config_error_that_does_not_show_it(tmp_path):
+    result = run_script(tmp_path, "--bind", "127.0.0.1", ESP32_TOKEN="hunter2")
+    assert result.returncode == collector.EXIT_CONFIG
+    assert "hunter2" not in result.stderr and "ESP32_TOKEN" in result.stderr
+
+
+def test_a_busy_port_is_a_config_error(tmp_path, receiver_process):
+    process = receiver_process("--dry-run")
+    result = run_script(tmp_path, "--bind", "127.0.0.1", "--port", str(process.port))
+    assert result.returncode == collector.EXIT_CONFIG
+    assert "cannot listen" in result.stderr
+
+
+def test_discover_lists_the_devices_that_posted(tmp_path):
+    running_receiver = RunningReceiver(tmp_path / "state").start()
+    running_receiver.post(reading(1, 2500, uptime_ms=3_600_000, fw="pulse-reader/1.0"))
+    running_receiver.stop()
+    result = run_script(tmp_path, "--discover")
+    assert result.returncode == 0, result.stderr
+    assert "meter" in result.stdout and "esp32-a" in result.stdout and "2.500" in result.stdout
+    empty = run_script(tmp_path, "--discover", "--state-dir", str(tmp_path / "empty"))
+    assert empty.returncode == collector.EXIT_NO_DEVICE
