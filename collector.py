@@ -41,9 +41,6 @@ EXIT_UNDELIVERED = 1
 EXIT_CONFIG = 2
 EXIT_NO_DEVICE = 3
 
-# Lines of devices that have answered wait at most this long for the
-# stragglers of the same cycle before they are sent.
-FLUSH_DELAY_S = 0.05
 # While a device is failing, look for it again this often (it may have a new
 # DHCP lease) instead of waiting for the regular re-discovery.
 EARLY_REDISCOVER_S = 60.0
@@ -253,7 +250,8 @@ class Runtime:
         self.dry_run = dry_run
         self.prefix = settings.metric_prefix
         self.state_dir = Path(settings.state_dir) / source
-        self.log = logging.getLogger(source)
+        # Not plain "kasa": that is python-kasa's own logger.
+        self.log = logging.getLogger(f"electricity.{source}")
         self.health = Health()
         self._lock: StateLock | None = None
         if dry_run:
@@ -535,26 +533,26 @@ class PollLoop:
         ok = failed = 0
         delivered = True
         buffered: list[str] = []
-        first_buffered_at = 0.0
-        while pending:
-            timeout = None
-            if buffered:
-                timeout = max(0.0, first_buffered_at + FLUSH_DELAY_S - time.monotonic())
-            done, pending = await asyncio.wait(
-                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in done:
+        # One send at a time: lines that arrive while a batch is on its way
+        # make the next batch, so nothing waits for a slower device.
+        sending: asyncio.Future | None = None
+        while pending or buffered or sending is not None:
+            if buffered and sending is None:
+                sending = asyncio.ensure_future(runtime.send(buffered))
+                buffered = []
+            waiting = pending | ({sending} if sending is not None else set())
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if sending is not None and sending in done:
+                delivered &= sending.result()
+                sending = None
+            for task in done & pending:
+                pending.discard(task)
                 lines = task.result()
                 if lines is None:
                     failed += 1
                     continue
                 ok += 1
-                if lines and not buffered:
-                    first_buffered_at = time.monotonic()
                 buffered.extend(lines)
-            if buffered and (not pending or time.monotonic() >= first_buffered_at + FLUSH_DELAY_S):
-                delivered &= await runtime.send(buffered)
-                buffered = []
         runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
         runtime.health.poll_seconds = time.monotonic() - started
         self.collector.end_of_cycle(timestamp)

@@ -129,8 +129,11 @@ class KasaCollector(collector.Collector):
         self.credentials = None
         if settings.kasa_username and settings.kasa_password:
             self.credentials = Credentials(settings.kasa_username, settings.kasa_password)
-        # python-kasa's own timeout is whole seconds; keep it within ours.
-        self.timeout_s = max(1, int(settings.device_timeout_s))
+        # python-kasa's own timeout (whole seconds) outlasts ours, so our
+        # cancellation ends a poll: when both expire together, python-kasa
+        # 0.7.7 takes the cancellation for its own timeout and retries three
+        # times, and a dead plug holds the cycle 4 x DEVICE_TIMEOUT_S.
+        self.timeout_s = int(settings.device_timeout_s) + 1
         self.static_hosts = [
             parse_host_port(host, KASA_PORT, "KASA_HOSTS") for host in settings.kasa_hosts
         ]

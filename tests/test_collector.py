@@ -133,7 +133,7 @@ def test_failure_is_logged_once_then_recovery(tmp_path, caplog):
         behaviour["a"] = (0, {"power_watts": 1})
         await loop.cycle(1_700_000_030)
 
-    with caplog.at_level(logging.INFO, logger="fake"):
+    with caplog.at_level(logging.INFO, logger="electricity.fake"):
         asyncio.run(scenario())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "connection refused" in warnings[0].getMessage()

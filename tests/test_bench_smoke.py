@@ -1,0 +1,61 @@
+"""The foundation's benchmarks run (--quick) and print their tables.
+
+No timing is asserted here: the figures are for bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def test_bench_kasa_quick():
+    result = run_bench("bench/bench_kasa.py", "--quick")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "late-prompt" in out and "dead adds nothing" in out, out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["10"])]
+    assert len(rows) == 4, out  # figures and verdicts for N=1 and N=10
+    # Every live plug's lines went out in every cycle, whatever the timings.
+    verdicts = [row for row in rows if row[1] in ("met", "MISSED")]
+    assert [row[-1] for row in verdicts] == ["met", "met"], out
+    assert "all targets met:" in out
+
+
+def test_bench_sending_quick():
+    result = run_bench("bench/bench_sending.py", "--quick")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "plain loopback socket" in out and "client/raw" in out, out
+    if "skipped" in out:
+        if os.environ.get("ELECTRICITY_REQUIRE_SERVERS"):
+            pytest.fail(f"carbon-cache missing:\n{out}")
+        pytest.skip("carbon-cache not installed: " + out.split("skipped:", 1)[1].splitlines()[0])
+    assert "carbon-cache" in out
+    # The replay's count is a correctness figure, not a timing: all must land.
+    stored = re.search(r"in whisper\s+([\d,]+) points", out)
+    assert stored and stored.group(1) == "20,000", out
+    assert "target: all 20,000 lines in whisper: met" in out
+
+
+def test_run_all_selects_scripts_by_name():
+    result = run_bench("bench/run_all.py", "--quick", "no_such_bench", timeout_s=30)
+    assert result.returncode == 2
+    assert "no benchmark matches no_such_bench" in result.stderr
