@@ -222,7 +222,8 @@ def test_dead_device_does_not_delay_the_others(carbon_server, tmp_path):
 
         started, finished, ok, failed, delivered = asyncio.run(scenario())
     assert (ok, failed, delivered) == (3, 1, True)
-    assert finished - started >= timeout_s  # the cycle did wait for the dead plug...
+    # The cycle waited for the dead plug, once (python-kasa must not retry past it).
+    assert timeout_s <= finished - started < 2 * timeout_s
     device_sends = [(at, lines) for at, lines in sent_at if "health" not in lines[0]]
     live_lines = [line for _, lines in device_sends for line in lines]
     assert {line.split(".")[3] for line in live_lines} == {"live_0", "live_1", "live_2"}
