@@ -50,7 +50,7 @@ SPOOL_MAX_LINES = 2_000_000
 # --- Polling ------------------------------------------------------------------
 
 PLUG_INTERVAL_S = 30.0  # Kasa and Tuya plugs
-METER_INTERVAL_S = 5.0  # whole-house meter (ESP32 flush, MQTT flush)
+METER_INTERVAL_S = 5.0  # whole-house meter (ESP32 receiver flush)
 CIRCUIT_INTERVAL_S = 10.0  # DIN-rail circuit meters
 REDISCOVER_INTERVAL_S = 600.0
 # A device that has not answered by then is skipped for the cycle; the

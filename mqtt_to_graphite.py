@@ -1,0 +1,835 @@
+#!/usr/bin/env python3
+"""MQTT power sources to Graphite: a Hildebrand Glow display and rule-mapped devices.
+
+Subscribe (again on every reconnect), match each message's topic, extract:
+
+- Glow (``glow/<id>/SENSOR/electricitymeter``, ``.../gasmeter``, ``glow/<id>/STATE``):
+  ``home.electricity.glow.<device>.`` ``power_watts``, ``power_kw``,
+  ``energy_import_kwh``, ``energy_export_kwh``, ``energy_today_kwh``; gas under
+  ``home.gas.glow.<device>.`` ``energy_kwh``, ``energy_today_kwh``, ``volume_m3``;
+  the Zigbee link (STATE) as health. Stamped with the meter's own timestamp.
+  The meter's quirks are dropped and counted: power ``-8388.608`` kW (no
+  reading) and a cumulative register reading 0 or less than before.
+- Everything else through rules (``mqtt_rules.py``): built-in presets for
+  Tasmota, Shelly Gen1/Gen2, ESPHome and emonhub, and the user's own, to
+  ``home.electricity.mqtt.<device>.<metric>``, stamped with the receive time.
+
+Lines are batched and sent (or spooled) through graphite_helper; health goes
+to ``home.electricity.health.mqtt.*``. paho-mqtt runs the network in its own
+thread and reconnects with backoff; a refused login is reported once and then
+retried only every MQTT_AUTH_RETRY_S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+import collector
+from graphite_helper import is_valid_path
+from mqtt_rules import (
+    MISSING,
+    PayloadError,
+    RuleError,
+    RuleTable,
+    decode_json,
+    lookup,
+    split_filter,
+    to_number,
+    topic_matches,
+)
+from settings import ConfigError, parse_host_port
+from state import atomic_write_json, read_json
+
+SOURCE = "mqtt"
+log = logging.getLogger(f"electricity.{SOURCE}")  # the runtime's logger too
+
+# --- Glow: extract -------------------------------------------------------------
+
+# The meter's "no reading" marker: the most negative 24-bit value, in kW.
+GLOW_INVALID_POWER_KW = -8388.608
+# A register that stays below its last value for this many readings in a row
+# is a new or reset meter, not a glitch: it is taken from then on.
+GLOW_RESET_READINGS = 5
+# The meter's timestamp is used when at most this far ahead of our clock and
+# this far behind it (a retained or queued message); otherwise the receive time.
+GLOW_MAX_CLOCK_AHEAD_S = 300
+GLOW_MAX_AGE_S = 86400
+# Devices named at most: a rule that takes its device from a level that keeps
+# changing (a counter, a time) must not grow names.json for ever.
+MAX_DEVICES = 500
+
+
+@dataclass
+class Register:
+    """A cumulative meter register and the figures that are only as good as it."""
+
+    key: str  # "import", "export", "gas_energy", "gas_volume"
+    metric: str
+    cumulative: float
+    companions: dict[str, float] = field(default_factory=dict)  # e.g. today's kWh
+
+
+@dataclass
+class GlowReading:
+    """One Glow message, extracted; the quirks are decided later (they need history)."""
+
+    timestamp: int | None
+    values: dict[str, float] = field(default_factory=dict)
+    registers: list[Register] = field(default_factory=list)
+    power_invalid: bool = False
+
+
+def glow_timestamp(text: Any) -> int | None:
+    """'2026-11-20T18:00:06Z' -> unix seconds; None when absent or unreadable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:  # the display speaks UTC
+        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+    return int(stamp.timestamp())
+
+
+def sample_time(payload_timestamp: int | None, received: int) -> int:
+    """The meter's own timestamp when it is plausible, else the receive time."""
+    if payload_timestamp is None:
+        return received
+    if not -GLOW_MAX_AGE_S <= payload_timestamp - received <= GLOW_MAX_CLOCK_AHEAD_S:
+        return received
+    return payload_timestamp
+
+
+def _figure(block: Any, *path: str) -> float | None:
+    """A number inside a Glow block, None when absent. Raises PayloadError when not a number."""
+    value = lookup(block, path)
+    return None if value is MISSING else to_number(value)
+
+
+def _meter_block(document: Any, name: str) -> Mapping:
+    """``{"electricitymeter": {...}}`` -> the inner block. Raises PayloadError."""
+    meter = document.get(name) if isinstance(document, Mapping) else None
+    if not isinstance(meter, Mapping):
+        raise PayloadError(f"no {name} block")
+    return meter
+
+
+def _import_register(meter: Mapping, key: str, metric: str) -> Register | None:
+    """The meter's import register, with today's figure that is only as good as it."""
+    cumulative = _figure(meter, "energy", "import", "cumulative")
+    if cumulative is None:
+        return None
+    today = _figure(meter, "energy", "import", "day")
+    return Register(key, metric, cumulative, {} if today is None else {"energy_today_kwh": today})
+
+
+def parse_glow_electricity(document: Any) -> GlowReading:
+    """``{"electricitymeter": {...}}`` -> power and the import/export registers."""
+    meter = _meter_block(document, "electricitymeter")
+    reading = GlowReading(glow_timestamp(meter.get("timestamp")))
+    power_kw = _figure(meter, "power", "value")
+    if power_kw is not None:
+        if math.isclose(power_kw, GLOW_INVALID_POWER_KW, abs_tol=1e-6):
+            reading.power_invalid = True
+        else:
+            reading.values["power_kw"] = power_kw
+            reading.values["power_watts"] = round(power_kw * 1000, 3)
+    registers = [_import_register(meter, "import", "energy_import_kwh")]
+    exported = _figure(meter, "energy", "export", "cumulative")
+    if exported is not None:
+        registers.append(Register("export", "energy_export_kwh", exported))
+    reading.registers = [register for register in registers if register is not None]
+    return reading
+
+
+def parse_glow_gas(document: Any) -> GlowReading:
+    """``{"gasmeter": {...}}`` -> the energy (kWh) and volume (m3) registers."""
+    meter = _meter_block(document, "gasmeter")
+    reading = GlowReading(glow_timestamp(meter.get("timestamp")))
+    registers = [_import_register(meter, "gas_energy", "energy_kwh")]
+    volume = _figure(meter, "energy", "import", "cumulativevol")
+    units = lookup(meter, ("energy", "import", "cumulativevolunits"))
+    if volume is not None and units in ("m3", MISSING):
+        registers.append(Register("gas_volume", "volume_m3", volume))
+    reading.registers = [register for register in registers if register is not None]
+    return reading
+
+
+def parse_glow_state(document: Any) -> GlowReading:
+    """``glow/<id>/STATE`` -> the display's Zigbee link to the meter, as health."""
+    if not isinstance(document, Mapping):
+        raise PayloadError("STATE is not a JSON object")
+    reading = GlowReading(glow_timestamp(document.get("timestamp")))
+    han = document.get("han")
+    if isinstance(han, Mapping):
+        for key, metric in (("rssi", "han_rssi_dbm"), ("lqi", "han_lqi")):
+            value = _figure(han, key)
+            if value is not None:
+                reading.values[metric] = value
+        if "status" in han:
+            reading.values["han_joined"] = 1.0 if han["status"] == "joined" else 0.0
+    return reading
+
+
+class RegisterGuard:
+    """Glow's cumulative registers only rise: a 0 or a fall is a glitch.
+
+    A glitch is dropped and counted. A 0 from a register that never read more
+    (the export register of a home without solar) is not sent either, but is
+    no glitch. A fall that holds for GLOW_RESET_READINGS readings in a row is a
+    new meter: taken, and logged. Last values persist across restarts.
+    """
+
+    SAVE_EVERY_S = 60.0
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        stored = read_json(path, {}) if path else {}
+        self._last: dict[str, float] = {
+            key: float(value)
+            for key, value in (stored.items() if isinstance(stored, dict) else ())
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        self._falling: dict[str, list[float]] = {}
+        self._saved_at = time.monotonic()
+        self._dirty = False
+
+    def check(self, key: str, value: float) -> str:
+        """'ok' (send it), 'unused' (a register that reads 0, never more) or 'glitch'."""
+        last = self._last.get(key)
+        if value <= 0:  # a register never reads below 0; 0 is the display's blank
+            return "glitch" if last else "unused"
+        if last is None or value >= last:
+            self._falling.pop(key, None)
+            self._remember(key, value)
+            return "ok"
+        falling = self._falling.setdefault(key, [])
+        if falling and value < falling[-1]:
+            falling.clear()  # not one steady new series: still glitches
+        falling.append(value)
+        if len(falling) < GLOW_RESET_READINGS:
+            return "glitch"
+        log.warning(
+            "glow register %s went from %g to %g and stays there: a new meter?", key, last, value
+        )
+        del self._falling[key]
+        self._remember(key, value)
+        return "ok"
+
+    def _remember(self, key: str, value: float) -> None:
+        self._last[key] = value
+        self._dirty = True
+        if time.monotonic() - self._saved_at >= self.SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None and self._dirty:
+            try:
+                atomic_write_json(self.path, self._last)
+            except OSError as exc:
+                log.error("cannot save Glow registers to %s: %s", self.path, exc)
+        self._saved_at = time.monotonic()
+        self._dirty = False
+
+
+# --- Match: every message, Glow or rules ----------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one message gave: lines, and what ``--discover``/``--once``/health need."""
+
+    status: str  # "ok", "invalid" or "ignored"
+    sources: list[str] = field(default_factory=list)  # "glow" or the rule names that matched
+    devices: list[str] = field(default_factory=list)  # metric segments
+    lines: list[str] = field(default_factory=list)
+    note: str = ""
+    health_only: bool = False  # Glow's STATE: the link to the meter, no reading
+
+
+class MessageHandler:
+    """Topic and payload in, Carbon lines out. No MQTT here: tests call it directly."""
+
+    def __init__(self, runtime: collector.Runtime, rules: RuleTable) -> None:
+        self.runtime = runtime
+        settings = runtime.settings
+        self.rules = rules
+        self.glow_levels = glow_prefix_levels(settings.mqtt_glow_prefix)
+        glow_id = (*self.glow_levels, "+")
+        self._glow_filters = {"STATE": (*glow_id, "STATE"), "SENSOR": (*glow_id, "SENSOR", "+")}
+        self.gas_prefix = settings.mqtt_gas_prefix
+        if not is_valid_path(self.gas_prefix):
+            raise ConfigError(
+                f"MQTT_GAS_PREFIX: must be dotted segments of [a-z0-9_], got {self.gas_prefix!r}"
+            )
+        self.registers = RegisterGuard(runtime.state_path("glow_registers.json"))
+        self.stale_s = settings.mqtt_stale_s
+        self.counts = dict.fromkeys(
+            (
+                "messages_ok",
+                "messages_invalid",
+                "messages_ignored",
+                "glow_power_invalid",
+                "glow_register_glitches",
+            ),
+            0,
+        )
+        self._segments: dict[str, str] = {}  # device id -> metric segment
+        self._too_many_devices = False
+        self._last_heard: dict[str, float] = {}  # device segment -> monotonic time
+
+    @property
+    def subscriptions(self) -> list[str]:
+        glow = []
+        if self.glow_levels:
+            prefix = "/".join(self.glow_levels)
+            glow = [f"{prefix}/+/SENSOR/#", f"{prefix}/+/STATE"]
+        return glow + self.rules.subscriptions
+
+    def segment(self, device_id: str) -> str | None:
+        """A device's metric segment (named once, then remembered); None past MAX_DEVICES."""
+        segment = self._segments.get(device_id)
+        if segment is not None:
+            return segment
+        if len(self._segments) >= MAX_DEVICES:
+            if not self._too_many_devices:
+                log.warning(
+                    "more than %d devices: new ones are dropped (does a rule take its "
+                    "device from a topic level that keeps changing?)",
+                    MAX_DEVICES,
+                )
+                self._too_many_devices = True
+            return None
+        segment = self._segments[device_id] = self.runtime.names.name_for(device_id, device_id)
+        return segment
+
+    @property
+    def sources(self) -> list[str]:
+        """What ``--once`` waits for: Glow (when on) and each rule set."""
+        return (["glow"] if self.glow_levels else []) + self.rules.names
+
+    def handle(self, topic: str, payload: bytes, retained: bool, received: float) -> Outcome:
+        levels = topic.split("/")
+        glow_kind = self._glow_kind(levels)
+        if glow_kind:
+            outcome = self._glow(levels[len(self.glow_levels)], glow_kind, payload, int(received))
+        elif retained:
+            # Its value may be days old and it has no timestamp of its own.
+            outcome = Outcome("ignored", note="retained message without a timestamp")
+        else:
+            outcome = self._rules(topic, payload, int(received))
+        self.counts[f"messages_{outcome.status}"] += 1
+        log.debug("%s: %s, %d lines %s", topic, outcome.status, len(outcome.lines), outcome.note)
+        now = time.monotonic()
+        for device in outcome.devices:
+            self._last_heard[device] = now
+        return outcome
+
+    def _glow_kind(self, levels: Sequence[str]) -> str:
+        """'electricitymeter', 'gasmeter', 'STATE', or '' for a topic that is not Glow's."""
+        if not self.glow_levels:
+            return ""
+        if topic_matches(self._glow_filters["STATE"], levels):
+            return "STATE"
+        if topic_matches(self._glow_filters["SENSOR"], levels):
+            return levels[-1]
+        return ""
+
+    def _glow(self, glow_id: str, kind: str, payload: bytes, received: int) -> Outcome:
+        parse = {
+            "electricitymeter": parse_glow_electricity,
+            "gasmeter": parse_glow_gas,
+            "STATE": parse_glow_state,
+        }.get(kind)
+        if parse is None:
+            return Outcome("ignored", note=f"Glow {kind} is not read")
+        try:
+            reading = parse(decode_json(payload))
+        except PayloadError as exc:
+            return Outcome("invalid", ["glow"], note=str(exc))
+        timestamp = sample_time(reading.timestamp, received)
+        device = self.segment(glow_id)
+        if device is None:
+            return Outcome("ignored", ["glow"], note="too many devices")
+        values = dict(reading.values)
+        if reading.power_invalid:
+            self.counts["glow_power_invalid"] += 1
+            log.debug(
+                "glow %s: power %g kW means no reading: dropped", glow_id, GLOW_INVALID_POWER_KW
+            )
+        for register in reading.registers:
+            verdict = self.registers.check(f"{glow_id}/{register.key}", register.cumulative)
+            if verdict == "ok":
+                values[register.metric] = register.cumulative
+                values.update(register.companions)
+            elif verdict == "glitch":
+                self.counts["glow_register_glitches"] += 1
+                log.debug(
+                    "glow %s: %s reads %g: a glitch, dropped",
+                    glow_id,
+                    register.key,
+                    register.cumulative,
+                )
+        if kind == "STATE":
+            lines = self.runtime.lines(device, values, timestamp, group=f"health.{SOURCE}.glow")
+        elif kind == "gasmeter":
+            lines = self.runtime.lines(
+                device, values, timestamp, group="glow", prefix=self.gas_prefix
+            )
+        else:
+            lines = self.runtime.lines(device, values, timestamp, group="glow")
+        return Outcome(
+            "ok" if lines else "ignored", ["glow"], [device], lines, health_only=kind == "STATE"
+        )
+
+    def _rules(self, topic: str, payload: bytes, received: int) -> Outcome:
+        extraction = self.rules.extract(topic, payload)
+        names = list(dict.fromkeys(rule.name for rule in extraction.rules))
+        if not extraction.rules:
+            return Outcome("ignored", note="no rule matches")
+        by_device: dict[tuple[str, str], dict[str, float]] = {}
+        refused = False
+        for value in extraction.values:
+            device = self.segment(value.device_id)
+            if device is None:
+                refused = True
+                continue
+            by_device.setdefault((value.rule.source, device), {})[value.metric] = value.value
+        lines: list[str] = []
+        for (source, device), values in by_device.items():
+            lines += self.runtime.lines(device, values, received, group=source)
+        devices = list(dict.fromkeys(device for _source, device in by_device))
+        if extraction.problems:
+            return Outcome("invalid", names, devices, lines, "; ".join(extraction.problems))
+        if not lines:
+            note = "too many devices" if refused else "none of the rules' figures in it"
+            return Outcome("ignored", names, note=note)
+        return Outcome("ok", names, devices, lines)
+
+    def health_lines(self, timestamp: int, **extra: Any) -> list[str]:
+        """The runtime's health figures plus this source's counters."""
+        # Called from the sender thread while paho's thread counts: copying a
+        # dict is one step for CPython, so the copies are consistent.
+        heard = list(self._last_heard.values())
+        counts = dict(self.counts)
+        cutoff = time.monotonic() - self.stale_s
+        health = self.runtime.health
+        health.devices_ok = sum(1 for at in heard if at >= cutoff)
+        health.devices_failed = len(heard) - health.devices_ok
+        return self.runtime.health_lines(timestamp, **counts, **extra)
+
+    def close(self) -> None:
+        self.registers.save()
+
+
+def glow_prefix_levels(prefix: str) -> tuple[str, ...]:
+    """MQTT_GLOW_PREFIX as topic levels (none when Glow is off). Raises ConfigError."""
+    if not prefix:
+        return ()
+    try:
+        levels = split_filter(prefix)
+    except RuleError as exc:
+        raise ConfigError(f"MQTT_GLOW_PREFIX: {exc}") from None
+    if any(level in ("", "+", "#") for level in levels):
+        raise ConfigError(f"MQTT_GLOW_PREFIX: must be plain topic levels, got {prefix!r}")
+    return levels
+
+
+# --- Connect and subscribe -------------------------------------------------------
+
+# CONNACK reasons that mean our credentials, not the network.
+LOGIN_REFUSED = {"Bad user name or password", "Not authorized"}
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why a connection attempt failed (paho only says that it did)."""
+
+    connect_error = ""
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.connect_error = f"{exc.__class__.__name__}: {exc}"
+            raise
+
+
+class BrokerLink:
+    """One connection to the broker, kept up for as long as the collector runs.
+
+    Subscribes in ``on_connect`` (a reconnect starts without subscriptions),
+    reconnects with paho's doubling backoff, says once when the broker is
+    unreachable or refuses our login (then retries only every
+    MQTT_AUTH_RETRY_S) and once when it is back.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        subscriptions: Sequence[str],
+        on_message: Callable[[str, bytes, bool], None],
+        client_suffix: str = "",
+        persistent: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.host, self.port = broker_address(settings)
+        self.connected = False
+        self.connects = 0
+        self.refused = ""  # the broker's reason while it refuses our login
+        self._last_refusal = ""  # any other reason, said once
+        self._unreachable = False
+        self._stopping = False
+        client_id = settings.mqtt_client_id or f"electricity-mqtt-{socket.gethostname()}"
+        # A persistent session keeps QoS 1 messages for us while we restart.
+        self.client = _Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id + client_suffix,
+            clean_session=not persistent,
+            protocol=mqtt.MQTTv311,
+        )
+        if settings.mqtt_username:
+            self.client.username_pw_set(settings.mqtt_username, settings.mqtt_password or None)
+        if settings.mqtt_tls_ca_file:
+            try:
+                self.client.tls_set(ca_certs=str(Path(settings.mqtt_tls_ca_file).expanduser()))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"MQTT_TLS_CA_FILE: cannot use {settings.mqtt_tls_ca_file}: {exc}"
+                ) from None
+        self._backoff()
+        # An exception escaping a callback would end paho's network thread,
+        # and with it every reconnect: paho logs it instead.
+        self.client.suppress_exceptions = True
+        paho_log = logging.getLogger("paho")
+        paho_log.setLevel(logging.WARNING)  # its debug log is every packet
+        self.client.enable_logger(paho_log)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    def describe(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.client.connect_async(
+            self.host, self.port, keepalive=int(self.settings.mqtt_keepalive_s)
+        )
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _backoff(self, retry_s: float | None = None) -> None:
+        if retry_s is None:
+            self.client.reconnect_delay_set(
+                self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s
+            )
+        else:
+            self.client.reconnect_delay_set(retry_s, retry_s)
+
+    # paho's callbacks, in its network thread
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            reason = str(reason_code)
+            log.debug("broker %s refused the connection: %s", self.describe(), reason)
+            if reason in LOGIN_REFUSED and not self.refused:
+                log.error(
+                    "broker %s refused the login of user %r (%s): check MQTT_USERNAME and "
+                    "MQTT_PASSWORD; trying again every %g s",
+                    self.describe(),
+                    self.settings.mqtt_username,
+                    reason,
+                    self.settings.mqtt_auth_retry_s,
+                )
+                self._backoff(self.settings.mqtt_auth_retry_s)
+                self.refused = reason
+            elif reason not in LOGIN_REFUSED and reason != self._last_refusal:
+                log.warning(
+                    "broker %s refused the connection: %s; retrying", self.describe(), reason
+                )
+            self._last_refusal = reason
+            return
+        if self.refused:
+            log.info("broker %s accepts the login again", self.describe())
+            self.refused = ""
+            self._backoff()
+        self._last_refusal = ""
+        self.connected = True
+        self.connects += 1
+        self._unreachable = False
+        client.subscribe([(topic, 1) for topic in self.subscriptions])
+        log.info(
+            "%s broker %s; subscribed to %s",
+            "connected to" if self.connects == 1 else "reconnected to",
+            self.describe(),
+            ", ".join(self.subscriptions),
+        )
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [
+            f"{topic} ({code})"
+            for topic, code in zip(self.subscriptions, reason_codes)
+            if code.is_failure
+        ]
+        if refused:  # an ACL on the broker: nothing will ever come on these
+            log.error("broker %s refused the subscriptions %s", self.describe(), ", ".join(refused))
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._unreachable:
+            log.warning(
+                "cannot reach broker %s (%s); retrying, backing off to %g s",
+                self.describe(),
+                client.connect_error or "no answer",
+                self.settings.mqtt_reconnect_max_s,
+            )
+            self._unreachable = True
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected, self.connected = self.connected, False
+        if was_connected and not self._stopping:
+            log.warning("lost broker %s (%s); reconnecting", self.describe(), reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.debug("a message whose topic is not UTF-8: ignored")
+            return
+        try:
+            self.on_message(topic, message.payload, bool(message.retain))
+        except Exception:  # one message must never stop the network thread
+            log.exception("%s: message not handled", topic)
+
+
+def broker_address(settings: Any) -> tuple[str, int]:
+    default_port = 8883 if settings.mqtt_tls_ca_file else 1883
+    return parse_host_port(settings.mqtt_broker, default_port, "MQTT_BROKER")
+
+
+# --- Run: listen, --once, --discover ------------------------------------------------
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the event (the main thread then winds down)."""
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = [signal.signal(signum, lambda *_: stop.set()) for signum in signals]
+    try:
+        yield stop
+    finally:
+        for signum, handler in zip(signals, previous):
+            signal.signal(signum, handler)
+
+
+def _no_answer(link: BrokerLink, waited_s: float) -> str:
+    if not link.connects:
+        reason = link.client.connect_error or "no connection"
+        return f"{SOURCE}: broker {link.describe()} unreachable within {waited_s:g} s ({reason})"
+    return f"{SOURCE}: no reading within {waited_s:g} s"
+
+
+def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> int:
+    """Subscribe and send until stopped (or, with --once, until every source spoke)."""
+    settings = runtime.settings
+    wanted = set(handler.sources)
+    heard: set[str] = set()
+    all_heard = threading.Event()
+    batcher: collector.LineBatcher
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        outcome = handler.handle(topic, payload, retained, time.time())
+        batcher.add(outcome.lines)
+        if once and outcome.status == "ok" and not outcome.health_only:
+            heard.update(outcome.sources)
+            if heard >= wanted:
+                all_heard.set()
+
+    link = BrokerLink(
+        settings,
+        handler.subscriptions,
+        on_message,
+        client_suffix="-once" if once else "",
+        persistent=not once,
+    )
+    batcher = collector.LineBatcher(
+        runtime,
+        flush_interval_s=settings.mqtt_flush_interval_s,
+        max_lines=settings.mqtt_flush_lines,
+        periodic=lambda ts: handler.health_lines(
+            ts, connected=int(link.connected), connects=link.connects
+        ),
+        periodic_interval_s=settings.mqtt_health_interval_s,
+    )
+    # Installed before anything starts and kept until the last line is out: a
+    # second SIGTERM or Ctrl-C cannot cut the final flush short.
+    with stop_on_signals() as stop:
+        batcher.start()
+        link.start()
+        collector.sd_notify("READY=1")
+        runtime.log.info(
+            "listening to broker %s, sending to %s",
+            link.describe(),
+            "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
+        )
+        deadline = time.monotonic() + settings.mqtt_once_timeout_s
+        while not stop.wait(0.2):
+            if once and (all_heard.is_set() or link.refused or time.monotonic() >= deadline):
+                break
+        collector.sd_notify("STOPPING=1")
+        # No message after this; what is waiting is sent or spooled.
+        link.stop()
+        batcher.stop()
+        handler.close()
+    delivered = batcher.delivered_all
+    if not once:
+        runtime.log.info("stopped")
+        return collector.EXIT_OK
+    if link.refused:
+        print(
+            f"{SOURCE}: broker {link.describe()} refused the login ({link.refused})",
+            file=sys.stderr,
+        )
+        return collector.EXIT_CONFIG
+    if not delivered:
+        print(runtime.undelivered_message(), file=sys.stderr)
+        return collector.EXIT_UNDELIVERED
+    if not heard:
+        print(_no_answer(link, settings.mqtt_once_timeout_s), file=sys.stderr)
+        return collector.EXIT_NO_DEVICE
+    if heard < wanted:
+        runtime.log.warning(
+            "no reading within %g s from: %s",
+            settings.mqtt_once_timeout_s,
+            ", ".join(sorted(wanted - heard)),
+        )
+    return collector.EXIT_OK
+
+
+@dataclass
+class TopicSeen:
+    messages: int = 0
+    outcome: Outcome | None = None
+
+
+def discover(runtime: collector.Runtime, handler: MessageHandler) -> int:
+    """Listen to every topic for MQTT_DISCOVER_S; print each with what reads it."""
+    settings = runtime.settings
+    seen: dict[str, TopicSeen] = {}
+    lock = threading.Lock()
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        # Retained messages are what make discovery quick: read them like fresh ones.
+        outcome = handler.handle(topic, payload, False, time.time())
+        with lock:
+            entry = seen.setdefault(topic, TopicSeen())
+            entry.messages += 1
+            entry.outcome = outcome
+
+    link = BrokerLink(settings, ["#"], on_message, client_suffix="-discover", persistent=False)
+    with stop_on_signals() as stop:
+        link.start()
+        runtime.log.info(
+            "listening to every topic on %s for %g s", link.describe(), settings.mqtt_discover_s
+        )
+        deadline = time.monotonic() + settings.mqtt_discover_s
+        while not stop.wait(0.2) and not link.refused and time.monotonic() < deadline:
+            pass
+        link.stop()
+    if link.refused:
+        print(
+            f"{SOURCE}: broker {link.describe()} refused the login ({link.refused})",
+            file=sys.stderr,
+        )
+        return collector.EXIT_CONFIG
+    with lock:
+        rows = [_discover_row(topic, entry) for topic, entry in sorted(seen.items())]
+    if not rows:
+        print(_no_answer(link, settings.mqtt_discover_s), file=sys.stderr)
+        return collector.EXIT_NO_DEVICE
+    sys.stdout.write(
+        collector.format_table(("topic", "messages", "rule", "device", "values"), rows)
+    )
+    return collector.EXIT_OK
+
+
+def _discover_row(topic: str, entry: TopicSeen) -> tuple[str, ...]:
+    outcome = entry.outcome
+    assert outcome is not None
+    values = " ".join(
+        f"{path.rsplit('.', 1)[-1]}={value}"
+        for path, value, _ts in (line.split() for line in outcome.lines)
+    )
+    if outcome.status != "ok":
+        values = f"({outcome.status}: {outcome.note})" if outcome.note else f"({outcome.status})"
+    return (
+        topic,
+        str(entry.messages),
+        ",".join(outcome.sources) or "-",
+        ",".join(outcome.devices) or "-",
+        values,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = collector.build_parser(
+        SOURCE, "MQTT power sources (Glow, Tasmota, Shelly, ...) to Graphite"
+    )
+    parser.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker (or MQTT_BROKER)")
+    args = parser.parse_args(argv)
+    if args.discover:
+        args.dry_run = True  # discovery sends nothing and writes no state
+    try:
+        overrides = collector.common_overrides(args, "mqtt_flush_interval_s")
+        if args.broker:
+            overrides["MQTT_BROKER"] = args.broker
+        runtime = collector.open_runtime(SOURCE, args, overrides)
+        settings = runtime.settings
+        broker_address(settings)
+        try:
+            rules = RuleTable.from_settings(settings.mqtt_presets, settings.mqtt_rules)
+        except RuleError as exc:
+            raise ConfigError(str(exc)) from None
+        handler = MessageHandler(runtime, rules)
+        if not handler.subscriptions:
+            raise ConfigError("MQTT_GLOW_PREFIX is empty and no MQTT_PRESETS or MQTT_RULES are set")
+        runtime.lock()
+    except ConfigError as exc:
+        print(f"{SOURCE}: {exc}", file=sys.stderr)
+        return collector.EXIT_CONFIG
+    try:
+        if args.discover:
+            return discover(runtime, handler)
+        return listen(runtime, handler, once=args.once)
+    except ConfigError as exc:
+        print(f"{SOURCE}: {exc}", file=sys.stderr)
+        return collector.EXIT_CONFIG
+    finally:
+        runtime.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
