@@ -279,6 +279,9 @@ class Runtime:
             )
 
     def close(self) -> None:
+        spool = getattr(self.sink, "spool", None)
+        if spool is not None:
+            spool.sync()
         if self._lock is not None:
             self._lock.release()
 

@@ -136,8 +136,11 @@ class Spool:
     """Bounded, ordered, crash-safe store of lines waiting for Carbon.
 
     Lines are appended to numbered segment files of at most
-    ``segment_lines`` lines and fsynced, so a crash loses nothing already
-    spooled. A torn last line (the process died mid-write) is discarded on
+    ``segment_lines`` lines. Every append reaches the kernel at once, so a
+    crash of the process loses nothing already spooled; an fsync follows at
+    most every ``fsync_interval_s`` (and on ``sync()``), so a power cut loses
+    at most that much while a long outage does not wear an SD card with an
+    fsync a second. A torn last line (the process died mid-write) is discarded on
     load, never sent. When the spool holds more than ``max_lines``, the
     oldest lines go first and are counted in ``dropped_lines``.
     """
@@ -145,9 +148,16 @@ class Spool:
     SUFFIX = ".spool"
 
     def __init__(
-        self, directory: Path | str, max_lines: int = 2_000_000, segment_lines: int = 50_000
+        self,
+        directory: Path | str,
+        max_lines: int = 2_000_000,
+        segment_lines: int = 50_000,
+        fsync_interval_s: float = 10.0,
     ) -> None:
         self.directory = Path(directory)
+        self.fsync_interval_s = fsync_interval_s
+        self._last_fsync = -math.inf
+        self._unsynced: Path | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_lines = max_lines
         self.segment_lines = segment_lines
@@ -198,9 +208,33 @@ class Spool:
                 with open(segment, "a", encoding="ascii", newline="\n") as handle:
                     handle.writelines(chunk)
                     handle.flush()
-                    os.fsync(handle.fileno())
+                    self._maybe_fsync(segment, handle.fileno())
                 self._counts[segment] += len(chunk)
             self._enforce_cap()
+
+    def _maybe_fsync(self, segment: Path, fileno: int) -> None:
+        if self._unsynced is not None and self._unsynced != segment:
+            self._fsync_path(self._unsynced)  # a finished segment goes to disk now
+        now = time.monotonic()
+        if now - self._last_fsync >= self.fsync_interval_s:
+            os.fsync(fileno)
+            self._last_fsync, self._unsynced = now, None
+        else:
+            self._unsynced = segment
+
+    def _fsync_path(self, segment: Path) -> None:
+        try:
+            with open(segment, "rb") as handle:
+                os.fsync(handle.fileno())
+        except FileNotFoundError:
+            pass  # replayed and removed meanwhile
+        self._unsynced = None
+
+    def sync(self) -> None:
+        """Flush what was appended since the last fsync to disk (at exit)."""
+        with self._lock:
+            if self._unsynced is not None:
+                self._fsync_path(self._unsynced)
 
     def _enforce_cap(self) -> None:
         excess = len(self) - self.max_lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import socket
 import threading
 
@@ -259,3 +260,21 @@ def test_resend_window_is_bounded(tmp_path):
     server.close()
     assert not client.send_lines(lines(1, start=10))
     assert len(client.spool) <= 3 + 2 + 1
+
+
+def test_spool_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
+    """A long outage appends every second; an SD card should not see an
+    fsync each time. Appends still reach the file (and survive a process
+    crash) at once."""
+    import graphite_helper
+
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(graphite_helper.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    spool = Spool(tmp_path, fsync_interval_s=3600)
+    for start in range(0, 50, 5):
+        spool.append(lines(5, start=start))
+    assert len(calls) == 1
+    assert len(Spool(tmp_path)) == 50  # all on the file already
+    spool.sync()
+    assert len(calls) == 2
