@@ -1,1 +1,4 @@
-"""Real servers (carbon-cache, graphite-web, Mosquitto, carbon-c-relay) started on loopback for tests, the demo and benchmarks."""
+"""Real servers started on loopback for tests, the demo and benchmarks.
+
+carbon-cache, graphite-web, Mosquitto and carbon-c-relay.
+"""

@@ -5,25 +5,39 @@ carbon.conf generated in a work directory, so several can run side by side and
 nothing is written outside that directory. Data is read back straight from the
 whisper files, the same files graphite-web reads.
 
-Also home to the small process helpers the other harness servers share.
+The process helpers every harness server shares live in ``harness._process``;
+they are re-exported here because tests, the demo and tools import them from
+this module.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
+
+# Re-exported: tests, demo.py and tools import the process helpers from here.
+from harness._process import (  # noqa: F401
+    ServerProcess,
+    ServerStartError,
+    _live_processes,
+    check_loopback,
+    free_port,
+    kill,
+    log_tail,
+    spawn,
+    terminate,
+    wait_listening,
+)
 
 __all__ = [
     "CarbonNotFoundError",
@@ -40,160 +54,8 @@ DEFAULT_RETENTIONS = "1s:1h,1m:1d"
 _OPT_GRAPHITE_SCRIPT = Path("/opt/graphite/bin/carbon-cache.py")
 
 
-class ServerStartError(RuntimeError):
-    """A server process did not come up (its log tail is in the message)."""
-
-
 class CarbonNotFoundError(RuntimeError):
     """No carbon-cache executable could be found."""
-
-
-# -- process helpers shared by the harness servers --------------------------
-
-# Children still running when the interpreter exits (a test run interrupted
-# between start and stop) are killed so none outlive the run.
-_live_processes: set[subprocess.Popen] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_live_processes):
-        with contextlib.suppress(OSError):
-            proc.kill()
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=5)
-    _live_processes.clear()
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook that makes a Linux child get SIGTERM when its parent dies.
-
-    Covers what atexit cannot: the test run itself killed (a CI timeout, a
-    SIGKILL). Linux ties this to the thread that started the child, so start
-    servers from a thread that outlives them (normally the main thread).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        # Looked up here, not in the forked child, where importing is unsafe.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_parent_death_signal() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return set_parent_death_signal
-
-
-_PRE_EXEC = _parent_death_signal()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def check_loopback(host: str) -> None:
-    """Refuse anything but 127.0.0.0/8: the harness never touches a real network."""
-    if not host.startswith("127."):
-        raise ValueError(f"harness servers bind to loopback only (127.0.0.0/8), not {host!r}")
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
-
-
-def spawn(
-    argv: Sequence[str],
-    log_path: Path,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen:
-    """Start a child with stdout and stderr appended to ``log_path``."""
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=str(cwd) if cwd is not None else None,
-            # Its own session: a Ctrl-C meant for pytest does not reach it
-            # half-way through a test; stop() and the atexit hook end it.
-            start_new_session=True,
-            preexec_fn=_PRE_EXEC,
-        )
-    _live_processes.add(proc)
-    return proc
-
-
-def wait_listening(
-    proc: subprocess.Popen,
-    address: tuple[str, int],
-    timeout_s: float,
-    name: str,
-    log_path: Path,
-) -> None:
-    """Wait until ``address`` accepts TCP connections, failing fast if ``proc`` dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise ServerStartError(
-                f"{name} exited with status {code} before listening on "
-                f"{address[0]}:{address[1]}; log {log_path}:\n{log_tail(log_path)}"
-            )
-        try:
-            with socket.create_connection(address, timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise ServerStartError(
-                f"{name} did not listen on {address[0]}:{address[1]} within "
-                f"{timeout_s:g} s; log {log_path}:\n{log_tail(log_path)}"
-            )
-        time.sleep(0.05)
-
-
-def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
-    """SIGTERM (after SIGCONT, in case it was paused), then SIGKILL if it lingers."""
-    try:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout_s)
-        return proc.returncode
-    finally:
-        _live_processes.discard(proc)
-
-
-def kill(proc: subprocess.Popen) -> int:
-    """SIGKILL and reap: a crash, with no chance to clean up."""
-    try:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        return proc.wait(timeout=10)
-    finally:
-        _live_processes.discard(proc)
-
-
-# -- carbon-cache -------------------------------------------------------------
 
 
 def send_lines(address: tuple[str, int], lines: Iterable[str], timeout_s: float = 10.0) -> bytes:
@@ -235,13 +97,21 @@ def find_carbon_cache() -> list[str]:
     )
 
 
-class CarbonServer:
+class CarbonServer(ServerProcess):
     """carbon-cache listening for the plaintext protocol on a loopback port.
 
     >>> with CarbonServer(tmp_path) as carbon:
     ...     send_lines(carbon.line_address, [f"a.b 1 {int(time.time())}"])
     ...     carbon.wait_for_points("a.b")
+
+    ``stop()`` (SIGTERM), like a real restart, loses points still in carbon's
+    cache: carbon 1.1.x does not flush it on shutdown, and its writer runs
+    about once a second. Wait for points (``wait_for_points``) before stopping
+    to keep them. ``kill()`` (SIGKILL, a crash) loses them too. ``restart()``
+    comes back on the same port with the data already on disk.
     """
+
+    name = "carbon-cache"
 
     def __init__(
         self,
@@ -253,45 +123,25 @@ class CarbonServer:
         storage_aggregation: Path | None = None,
         start_timeout_s: float = 30.0,
     ) -> None:
-        check_loopback(host)
-        self.work_dir = Path(work_dir)
-        self.host = host
-        self.port = port if port is not None else free_port(host)
+        super().__init__(work_dir, host, port, start_timeout_s)
         self.cache_query_port = free_port(host)
         self.retentions = retentions
         self.storage_schemas = storage_schemas
         self.storage_aggregation = storage_aggregation
-        self.start_timeout_s = start_timeout_s
         self.conf_dir = self.work_dir / "conf"
         self.storage_dir = self.work_dir / "storage"
         self.data_dir = self.storage_dir / "whisper"
-        self.log_path = self.work_dir / "carbon-cache.log"
         self.pid_path = self.work_dir / "carbon-cache.pid"
-        self.start_seconds: float | None = None  # how long the last start() took
-        self._proc: subprocess.Popen | None = None
 
-    # -- lifecycle --
-
-    @property
-    def line_address(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    # The plaintext-protocol (line receiver) port.
+    line_address = ServerProcess.address
 
     @property
     def cache_query_address(self) -> tuple[str, int]:
         """Carbon's cache query (carbonlink) port, for graphite-web's CARBONLINK_HOSTS."""
         return (self.host, self.cache_query_port)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> CarbonServer:
-        if self.running:
-            raise RuntimeError("carbon-cache is already running")
+    def _prepare(self) -> tuple[list[str], dict[str, str] | None]:
         argv = find_carbon_cache()
         self._write_config()
         # carbon refuses to start while its pid file names a live process,
@@ -303,52 +153,16 @@ class CarbonServer:
         env["GRAPHITE_CONF_DIR"] = str(self.conf_dir)
         env["GRAPHITE_STORAGE_DIR"] = str(self.storage_dir)
         env["PYTHONUNBUFFERED"] = "1"
-        started = time.monotonic()
-        self._proc = spawn(
-            [
-                *argv,
-                "--config",
-                str(self.conf_dir / "carbon.conf"),
-                "--pidfile",
-                str(self.pid_path),
-                "--nodaemon",
-                "start",
-            ],
-            self.log_path,
-            env=env,
-            cwd=self.work_dir,
-        )
-        try:
-            wait_listening(
-                self._proc, self.line_address, self.start_timeout_s, "carbon-cache", self.log_path
-            )
-        except BaseException:
-            self.kill()
-            raise
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM: carbon stops listening and exits (resumes a paused server first).
-
-        Like a real restart, this loses points still in carbon's cache: carbon
-        1.1.x does not flush it on shutdown, and its writer runs about once a
-        second. Wait for points (``wait_for_points``) before stopping to keep them.
-        """
-        if self._proc is not None:
-            terminate(self._proc, timeout_s)
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL, to simulate a crash: points still in carbon's cache are lost."""
-        if self._proc is not None:
-            kill(self._proc)
-            self._proc = None
-
-    def restart(self) -> CarbonServer:
-        """Stop and start again on the same port, with the data already on disk."""
-        self.stop()
-        return self.start()
+        command = [
+            *argv,
+            "--config",
+            str(self.conf_dir / "carbon.conf"),
+            "--pidfile",
+            str(self.pid_path),
+            "--nodaemon",
+            "start",
+        ]
+        return command, env
 
     def pause(self) -> None:
         """SIGSTOP: a hung server. The kernel still completes TCP handshakes
@@ -363,15 +177,6 @@ class CarbonServer:
             raise RuntimeError("carbon-cache is not running")
         assert self._proc is not None
         self._proc.send_signal(signal.SIGCONT)
-
-    def __enter__(self) -> CarbonServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
 
     # -- read-back --
 

@@ -14,22 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.carbon import (
-    CarbonServer,
-    check_loopback,
-    free_port,
-    log_tail,
-    spawn,
-    terminate,
-    wait_listening,
-)
+from harness._process import ServerProcess
+from harness.carbon import CarbonServer
 
 __all__ = ["GraphiteWeb", "GraphiteWebNotFoundError"]
 
@@ -41,7 +33,9 @@ class GraphiteWebNotFoundError(RuntimeError):
 
 
 def _check_installed() -> None:
-    missing = [m for m in ("graphite", "django", "waitress") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("graphite.render", "django", "waitress") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise GraphiteWebNotFoundError(
             f"graphite-web needs {', '.join(missing)} in this Python: run "
@@ -50,7 +44,7 @@ def _check_installed() -> None:
         )
 
 
-class GraphiteWeb:
+class GraphiteWeb(ServerProcess):
     """graphite-web serving ``/render`` and ``/metrics/find`` over HTTP on loopback.
 
     With a ``carbon`` server it also asks carbon's cache (carbonlink) for
@@ -58,7 +52,11 @@ class GraphiteWeb:
     shows only what ``CarbonServer.fetch`` sees (a paused carbon then cannot
     slow renders down). With only a ``whisper_dir`` graphite-web logs a failed
     CarbonLink query per series, which is harmless.
+
+    ``start_seconds`` includes the database migration that precedes serving.
     """
+
+    name = "graphite-web"
 
     def __init__(
         self,
@@ -70,39 +68,21 @@ class GraphiteWeb:
         carbonlink: bool = True,
         start_timeout_s: float = 60.0,
     ) -> None:
-        check_loopback(host)
+        super().__init__(work_dir, host, port, start_timeout_s)
         if whisper_dir is None:
             if carbon is None:
                 raise ValueError("GraphiteWeb needs a carbon server or a whisper_dir")
             whisper_dir = carbon.data_dir
-        self.work_dir = Path(work_dir)
         self.whisper_dir = Path(whisper_dir)
         self.carbon = carbon
         self.carbonlink = carbonlink and carbon is not None
-        self.host = host
-        self.port = port if port is not None else free_port(host)
-        self.start_timeout_s = start_timeout_s
-        self.log_path = self.work_dir / "graphite-web.log"
-        self.start_seconds: float | None = None  # migrate + serve, last start()
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> GraphiteWeb:
-        if self.running:
-            raise RuntimeError("graphite-web is already running")
+    def _prepare(self) -> tuple[list[str], dict[str, str] | None]:
         _check_installed()
-        started = time.monotonic()
         env = self._write_settings()
         migrate = subprocess.run(
             [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
@@ -116,42 +96,15 @@ class GraphiteWeb:
             raise RuntimeError(
                 f"graphite-web `django-admin migrate` failed:\n{migrate.stdout.decode()[-3000:]}"
             )
-        self._proc = spawn(
-            [
-                sys.executable,
-                "-m",
-                "waitress",
-                f"--listen={self.host}:{self.port}",
-                "--threads=4",
-                "graphite.wsgi:application",
-            ],
-            self.log_path,
-            env=env,
-            cwd=self.work_dir,
-        )
-        try:
-            wait_listening(
-                self._proc, self.address, self.start_timeout_s, "graphite-web", self.log_path
-            )
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self._proc is not None:
-            terminate(self._proc, timeout_s)
-            self._proc = None
-
-    def __enter__(self) -> GraphiteWeb:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
+        command = [
+            sys.executable,
+            "-m",
+            "waitress",
+            f"--listen={self.host}:{self.port}",
+            "--threads=4",
+            "graphite.wsgi:application",
+        ]
+        return command, env
 
     # -- queries --
 

@@ -6,19 +6,10 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from harness.carbon import (
-    check_loopback,
-    free_port,
-    kill,
-    log_tail,
-    spawn,
-    terminate,
-    wait_listening,
-)
+from harness._process import ServerProcess
 
 __all__ = ["MosquittoBroker", "MosquittoNotFoundError"]
 
@@ -37,12 +28,17 @@ def _find(program: str) -> str:
     return found
 
 
-class MosquittoBroker:
+class MosquittoBroker(ServerProcess):
     """Mosquitto listening on ``host:port`` only, no persistence.
 
     Anonymous clients are allowed unless ``users`` ({name: password}) is
     given; then only those users may connect.
+
+    ``kill()`` makes the broker vanish without closing its clients cleanly;
+    after ``restart()`` (same port) clients must reconnect and resubscribe.
     """
+
+    name = "mosquitto"
 
     def __init__(
         self,
@@ -52,68 +48,15 @@ class MosquittoBroker:
         users: Mapping[str, str] | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
-        check_loopback(host)
-        self.work_dir = Path(work_dir)
-        self.host = host
-        self.port = port if port is not None else free_port(host)
+        super().__init__(work_dir, host, port, start_timeout_s)
         self.users = dict(users) if users else {}
-        self.start_timeout_s = start_timeout_s
         self.conf_path = self.work_dir / "mosquitto.conf"
         self.passwd_path = self.work_dir / "mosquitto.passwd"
-        self.log_path = self.work_dir / "mosquitto.log"
-        self.start_seconds: float | None = None
-        self._proc: subprocess.Popen | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> MosquittoBroker:
-        if self.running:
-            raise RuntimeError("mosquitto is already running")
+    def _prepare(self) -> tuple[list[str], dict[str, str] | None]:
         broker = _find("mosquitto")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        started = time.monotonic()
-        self._proc = spawn([broker, "-c", str(self.conf_path)], self.log_path, cwd=self.work_dir)
-        try:
-            wait_listening(
-                self._proc, self.address, self.start_timeout_s, "mosquitto", self.log_path
-            )
-        except BaseException:
-            self.kill()
-            raise
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self._proc is not None:
-            terminate(self._proc, timeout_s)
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: the broker vanishes without closing its clients cleanly."""
-        if self._proc is not None:
-            kill(self._proc)
-            self._proc = None
-
-    def restart(self) -> MosquittoBroker:
-        """Stop and start on the same port (clients must reconnect and resubscribe)."""
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> MosquittoBroker:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
+        return [broker, "-c", str(self.conf_path)], None
 
     def _write_config(self) -> None:
         lines = [

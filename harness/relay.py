@@ -8,20 +8,10 @@ one machine.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.carbon import (
-    check_loopback,
-    free_port,
-    kill,
-    log_tail,
-    spawn,
-    terminate,
-    wait_listening,
-)
+from harness._process import ServerProcess, check_loopback
 
 __all__ = ["CarbonRelay", "CarbonRelayNotFoundError"]
 
@@ -43,12 +33,15 @@ def _instance(index: int) -> str:
     return chr(ord("a") + index) if index < 26 else f"i{index}"
 
 
-class CarbonRelay:
+class CarbonRelay(ServerProcess):
     """carbon-c-relay listening for the plaintext protocol on ``host:port`` (TCP only).
 
     ``destinations`` are the (host, port) line addresses of the carbon-caches,
-    e.g. ``[c.line_address for c in caches]``.
+    e.g. ``[c.line_address for c in caches]``. On ``stop()`` (SIGTERM) the
+    relay flushes its queues to reachable caches, then exits.
     """
+
+    name = "carbon-c-relay"
 
     def __init__(
         self,
@@ -61,80 +54,24 @@ class CarbonRelay:
         workers: int = 2,
         start_timeout_s: float = 10.0,
     ) -> None:
-        check_loopback(host)
+        super().__init__(work_dir, host, port, start_timeout_s)
         if not destinations:
             raise ValueError("a relay needs at least one destination")
         for dest_host, _ in destinations:
             check_loopback(dest_host)
-        self.work_dir = Path(work_dir)
         self.destinations = list(destinations)
-        self.host = host
-        self.port = port if port is not None else free_port(host)
         self.cluster = cluster
         self.hashing = hashing
         self.workers = workers
-        self.start_timeout_s = start_timeout_s
         self.conf_path = self.work_dir / "carbon-c-relay.conf"
-        self.log_path = self.work_dir / "carbon-c-relay.log"
-        self.start_seconds: float | None = None
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
     # Same name as CarbonServer's, so either can be handed to a client.
-    line_address = address
+    line_address = ServerProcess.address
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> CarbonRelay:
-        if self.running:
-            raise RuntimeError("carbon-c-relay is already running")
+    def _prepare(self) -> tuple[list[str], dict[str, str] | None]:
         relay = find_carbon_c_relay()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        started = time.monotonic()
-        self._proc = spawn(
-            [relay, "-f", str(self.conf_path), "-w", str(self.workers)],
-            self.log_path,
-            cwd=self.work_dir,
-        )
-        try:
-            wait_listening(
-                self._proc, self.address, self.start_timeout_s, "carbon-c-relay", self.log_path
-            )
-        except BaseException:
-            self.kill()
-            raise
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM: the relay flushes its queues to reachable caches, then exits."""
-        if self._proc is not None:
-            terminate(self._proc, timeout_s)
-            self._proc = None
-
-    def kill(self) -> None:
-        if self._proc is not None:
-            kill(self._proc)
-            self._proc = None
-
-    def restart(self) -> CarbonRelay:
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> CarbonRelay:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
+        return [relay, "-f", str(self.conf_path), "-w", str(self.workers)], None
 
     def _write_config(self) -> None:
         # carbon_ch hashes host and instance but not port: caches sharing
