@@ -713,7 +713,7 @@ class CircuitCollector(collector.Collector):
         # The configured name is the circuit's name, even after a rename in
         # CIRCUITS (unless DEVICE_NAMES names its meter's id).
         for circuit in self.circuits:
-            runtime.names.overrides.setdefault(circuit.stable_id.lower(), circuit.segment)
+            runtime.names.pin(circuit.stable_id, circuit.segment)
         for counter in HEALTH_COUNTERS:
             runtime.health.extra.setdefault(counter, 0)
         self._out_of_range: set[tuple[str, str]] = set()

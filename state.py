@@ -81,6 +81,12 @@ class NameMap:
                 self._names[key] = renamed
                 self._save()
 
+    def pin(self, stable_id: str, name: str) -> None:
+        """Name ``stable_id`` as configured elsewhere (e.g. a circuit's own
+        name), unless DEVICE_NAMES already names it."""
+        self.overrides.setdefault(stable_id.lower(), format_device_name(name, fallback=stable_id))
+        self._yield_to_overrides()
+
     def name_for(self, stable_id: str, reported_name: str = "") -> str:
         """The segment for ``stable_id``; remembers it the first time."""
         key = stable_id.lower()
