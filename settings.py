@@ -20,7 +20,7 @@ import config
 
 # Settings whose values never appear in logs or error messages.
 SECRET_SETTINGS = frozenset(
-    {"KASA_PASSWORD", "ESP32_TOKEN", "ESP32_DEVICE_TOKENS", "MQTT_PASSWORD", "TUYA_LOCAL_KEYS"}
+    {"KASA_PASSWORD", "ESP32_TOKEN", "ESP32_DEVICE_TOKENS", "MQTT_PASSWORD"}
 )
 # Environment variable names that differ from the setting's name.
 ENV_ALIASES = {"STATE_DIR": "ELECTRICITY_STATE_DIR"}

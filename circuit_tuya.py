@@ -1,0 +1,176 @@
+"""Tuya DIN-rail meters as circuits: the ``tuya`` reader of circuit_to_graphite.py.
+
+A circuit of kind ``tuya`` names its meter by device id (``connection``). Its
+local key, address, protocol and DP mapping come from the wizard's
+devices.json and the TUYA_* settings, as for tuya_to_graphite.py, which
+leaves these devices alone (a Tuya device serves one client at a time).
+Profiles: ``tuya-din`` and ``tuya-clamp`` (one phase), ``tuya-din-3p``.
+
+Figures go back by phase (``l1_``... on three-phase circuits) for the
+circuit collector to complete totals and check ranges. ``energy_kwh`` is the
+meter's own total (DIN meters: DP 1, kWh x100); a meter without one has it
+integrated from power, kept in the state dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import collector
+import tuya_devices as tuya
+from settings import ConfigError
+from state import EnergyIntegrator
+
+
+def _circuit_module() -> ModuleType:
+    """circuit_to_graphite as it runs: the script itself (``__main__``) under
+    systemd, so the errors raised here are the very classes its collector
+    catches and counts, rather than a second copy's."""
+    main = sys.modules.get("__main__")
+    if Path(getattr(main, "__file__", None) or "").name == "circuit_to_graphite.py":
+        return main  # type: ignore[return-value]
+    return importlib.import_module("circuit_to_graphite")
+
+
+circuits_module = _circuit_module()
+
+
+class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-defined, misc]
+    """Tuya DIN meters and clamps, one connection (and thread) per meter."""
+
+    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Any]) -> None:
+        super().__init__(runtime, circuits)
+        self.tuya = tuya.TuyaSettings.load(self.settings)
+        entries, problems = tuya.load_devices_file(self.tuya.devices_path)
+        tuya.protect_keys(entries)
+        for problem in problems:
+            self.log.warning("%s: %s", self.tuya.devices_path, problem)
+        by_id = {entry.id: entry for entry in entries}
+        self.meters: dict[str, tuple[tuya.DeviceEntry, tuya.Plan]] = {}
+        for circuit in circuits:
+            entry = by_id.get(circuit.connection)
+            where = f"CIRCUITS ({circuit.name!r})"
+            if entry is None:
+                raise ConfigError(
+                    f"{where}: Tuya device {circuit.connection} is not in "
+                    f"{self.tuya.devices_path} (run the wizard again, or check the id)"
+                )
+            if not entry.key:
+                raise ConfigError(f"{where}: {entry.label} has no local key in devices.json")
+            self.meters[circuit.stable_id] = (entry, meter_plan(self.tuya.plan(entry)))
+        self.connections: dict[str, tuya.TuyaConnection] = {}
+        self.announced: dict[str, tuya.Announcement] = {}
+        self.energy = EnergyIntegrator(
+            runtime.state_path("tuya_energy.json"),
+            max_gap_s=3 * float(self.settings.circuit_interval_s),
+        )
+        self._listen_lock = asyncio.Lock()
+        self._next_listen = -math.inf
+        self._said: set[tuple[str, str]] = set()
+
+    async def read(self, circuit: Any) -> dict[str, float]:
+        entry, _ = self.meters[circuit.stable_id]
+        connection = await self._connection(circuit)
+        try:
+            dps = await connection.poll()
+        except tuya.NoAnswer as exc:
+            raise circuits_module.NoAnswer(str(exc)) from None
+        except tuya.TuyaError as exc:
+            raise circuits_module.CircuitReadError(str(exc)) from None
+        values, problems = tuya.extract_values(connection.plan, dps)
+        for problem in problems:
+            self._say_once(entry.id, problem[:6], f"{circuit.name}: {problem}; not sent")
+        values.pop("is_on", None)  # a circuit reports what flows, not the breaker
+        if circuit.phases == 1:
+            values = tuya.combine_phases(values)
+        if not connection.plan.has_counter:
+            power = total_power(values, circuit.phases)
+            if power is not None and math.isfinite(power):
+                values["energy_kwh"] = self.energy.add(entry.id, time.time(), power)
+                self.energy.save()
+        return values
+
+    async def _connection(self, circuit: Any) -> tuya.TuyaConnection:
+        entry, plan = self.meters[circuit.stable_id]
+        old = self.connections.get(entry.id)
+        host, port = self.tuya.address(entry, self.announced.get(entry.id))
+        if not host or (old is not None and old.failures >= 2):
+            # No address yet, or it stopped answering (a new DHCP lease?): its
+            # announcements say where it is.
+            await self._listen()
+            host, port = self.tuya.address(entry, self.announced.get(entry.id))
+        if not host:
+            raise circuits_module.NoAnswer(
+                "no address: none in devices.json or TUYA_ADDRESSES, and no announcement heard"
+            )
+        version = self.tuya.version(entry, self.announced.get(entry.id))
+        if old is not None and old.requested == (entry, host, port, version, plan):
+            return old
+        if old is not None:
+            old.close()
+        connection = self.tuya.connect(entry, host, port, version, plan)
+        self.connections[entry.id] = connection
+        return connection
+
+    async def _listen(self) -> None:
+        """Listen for announcements, at most once per re-discovery interval."""
+        async with self._listen_lock:
+            if time.monotonic() < self._next_listen:
+                return
+            wanted = {
+                entry.id
+                for entry, _ in self.meters.values()
+                if not self.tuya.address(entry, self.announced.get(entry.id))[0]
+                or self._failing(entry)
+            }
+            self.announced.update(await self.tuya.listen(wanted or None))
+            self._next_listen = time.monotonic() + self.settings.rediscover_interval_s
+
+    def _failing(self, entry: tuya.DeviceEntry) -> bool:
+        connection = self.connections.get(entry.id)
+        return connection is not None and connection.failures > 0
+
+    def _say_once(self, device_id: str, subject: str, message: str) -> None:
+        key = (device_id, subject)
+        level = logging.DEBUG if key in self._said else logging.WARNING
+        self._said.add(key)
+        self.log.log(level, "%s", message)
+
+    async def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()
+        self.energy.save()
+
+
+def meter_plan(plan: tuya.Plan) -> tuya.Plan:
+    """A circuit is a meter: a device whose devices.json says nothing about its
+    meter is read as a metering DIN breaker (DP 1 kWh x100, DP 6/7/8 phases)."""
+    if plan.measures_power:
+        return plan
+    profile = tuya.METERING_BREAKER
+    return tuya.Plan(
+        tuya.METER,
+        f"profile: {profile.description} (CIRCUITS)",
+        profile.switch_dp,
+        {**profile.channels, **plan.channels},
+        profile.phase_dps,
+    )
+
+
+def total_power(values: dict[str, float], phases: int) -> float | None:
+    """The circuit's power: its own figure, or the sum of every phase's."""
+    if "power_watts" in values:
+        return values["power_watts"]
+    parts = [values.get(f"l{phase}_power_watts") for phase in range(1, phases + 1)]
+    if any(part is None for part in parts):
+        return None
+    return math.fsum(parts)  # type: ignore[arg-type]

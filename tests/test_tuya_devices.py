@@ -1,0 +1,627 @@
+"""tuya_devices: devices.json, what each device measures and in which scale,
+decoding and sanity checks (pure), and TuyaConnection against simulated
+devices speaking the real protocols to the real tinytuya, on loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import pytest
+import tinytuya
+
+import tuya_devices as tuya
+from settings import ConfigError, load_settings
+from simulators.tuya import (
+    SimulatedTuyaDevice,
+    TuyaSimulator,
+    din_meter_dps,
+    encode_phase,
+    plug_dps,
+)
+
+KEY = "0123456789abcdef"
+OTHER_KEY = "fedcba9876543210"
+VERSIONS = ("3.1", "3.3", "3.4", "3.5")
+TIMEOUT_S = 0.5
+NO_HANG_S = 30.0  # a ceiling that only catches a hang, never a slow machine
+
+
+@pytest.fixture(scope="module")
+def wizard(fixtures_dir: Path) -> list[tuya.DeviceEntry]:
+    entries, problems = tuya.load_devices_file(fixtures_dir / "tuya" / "devices.json")
+    assert problems == []
+    return entries
+
+
+def by_name(entries: list[tuya.DeviceEntry], name: str) -> tuya.DeviceEntry:
+    return next(entry for entry in entries if entry.name == name)
+
+
+def entry(**fields) -> tuya.DeviceEntry:
+    base = {"id": "bf0000000000000000test", "name": "Test", "key": KEY, "category": "cz"}
+    return tuya.parse_entry({**base, **fields})
+
+
+# --- devices.json -------------------------------------------------------------------
+
+
+def test_both_wizard_forms_load_the_same(tmp_path, fixtures_dir):
+    raw = json.loads((fixtures_dir / "tuya" / "devices.json").read_text(encoding="utf-8"))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"devices": raw}), encoding="utf-8")
+    listed, _ = tuya.load_devices_file(fixtures_dir / "tuya" / "devices.json")
+    assert tuya.load_devices_file(wrapped) == (listed, [])
+    assert len(listed) == 21
+    kettle = by_name(listed, "Kettle")
+    assert (kettle.ip, kettle.version, kettle.port, kettle.category) == (
+        "127.0.0.13",
+        "3.4",
+        6668,
+        "cz",
+    )
+    assert by_name(listed, "Main Oven").version == ""  # no address, no version
+
+
+def test_bad_entries_are_left_out_with_a_reason_and_never_the_key():
+    entries, problems = tuya.parse_devices(
+        [
+            {"id": "a1", "name": "Good", "key": KEY, "ip": "127.0.0.1", "version": 3.3},
+            {"name": "No id", "key": KEY},
+            {"id": "a2", "name": "Bad version", "key": KEY, "version": "2.9"},
+            {"id": "a1", "name": "Twice", "key": KEY},
+            "not an object",
+        ]
+    )
+    assert [e.name for e in entries] == ["Good"]
+    assert entries[0].version == "3.3"
+    assert len(problems) == 4
+    assert "No id" in problems[0] and "2.9" in problems[1] and "twice" in problems[2]
+    assert not any(KEY in problem for problem in problems)
+    assert KEY not in repr(entries[0])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), ("{not json", "not valid JSON"), ('{"x": 1}', "expected a list")],
+)
+def test_unusable_devices_file_is_a_config_error(tmp_path, content, message):
+    path = tmp_path / "devices.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as info:
+        tuya.load_devices_file(path)
+    assert str(info.value).startswith("TUYA_DEVICES_FILE:")
+
+
+def test_sub_devices_are_marked(wizard):
+    assert by_name(wizard, "Diivoo smart dual water timer").node_id == "3980b14ccbf2c6ef"
+    assert [e.name for e in wizard if e.node_id] == ["Diivoo smart dual water timer"]
+
+
+def test_per_device_settings_match_id_or_name(wizard):
+    kettle = by_name(wizard, "Kettle")
+    assert tuya.lookup({"kettle ": "127.0.0.9"}, kettle) == "127.0.0.9"
+    assert tuya.lookup({kettle.id: "a", "Kettle": "b"}, kettle) == "a"
+    assert tuya.matches(["KETTLE"], kettle) and not tuya.matches(["Shed"], kettle)
+
+
+# --- what each device of the real home measures ---------------------------------------
+
+EXPECTED_KINDS = {
+    "Diivoo smart dual water timer": tuya.SKIP,
+    "Gateway": tuya.SKIP,
+    "Multifunction alarm": tuya.SKIP,
+    "Electric blanket": tuya.SWITCH,
+    "Dining room lights": tuya.SWITCH,
+    "Amaryllis Fridge": tuya.SWITCH,
+    "Front room fairy lights": tuya.SWITCH,
+    "Towel Rail": tuya.SWITCH,
+    "Dishwasher": tuya.SWITCH,  # no mapping: power if its DPs show it
+    "Boot room freezer": tuya.SWITCH,
+    "Garage power A": tuya.SWITCH,
+    "Main Oven": tuya.METER,
+    "Top Oven": tuya.METER,
+}
+
+
+def test_every_wizard_device_gets_the_right_plan(wizard):
+    for device in wizard:
+        plan = tuya.plan_for(device)
+        assert plan.kind == EXPECTED_KINDS.get(device.name, tuya.PLUG), device.name
+        if plan.kind == tuya.PLUG:  # mapped plugs: 18 mA, 19 W x10, 20 V x10
+            assert plan.channels == {
+                "current_amps": tuya.Channel("18", 0, 1, 1000),
+                "power_watts": tuya.Channel("19", 1),
+                "voltage_volts": tuya.Channel("20", 1),
+            }
+            assert plan.switch_dp == "1" and plan.source == "mapping"
+            assert not plan.has_counter  # add_ele is an increment, not a total
+    oven = tuya.plan_for(by_name(wizard, "Main Oven"))
+    assert oven.phase_dps == ("6", "7", "8") and oven.switch_dp == "16"
+    assert oven.channels == {"energy_kwh": tuya.Channel("1", scale=2)}
+    assert "profile" in oven.source
+    timer = tuya.plan_for(by_name(wizard, "Diivoo smart dual water timer"))
+    assert "water timer" in timer.describe()
+
+
+def test_scaling_precedence_override_then_mapping_then_profile_then_defaults(wizard):
+    kettle = by_name(wizard, "Kettle")
+    override = tuya.parse_scaling("TUYA_SCALING['Kettle']", {"power_watts": {"dp": 19}})
+    plan = tuya.plan_for(kettle, override)
+    assert plan.channels["power_watts"] == tuya.Channel("19", 0)  # override
+    assert plan.channels["voltage_volts"] == tuya.Channel("20", 1)  # mapping
+    assert plan.source.startswith("TUYA_SCALING")
+    # A dlq with a mapping of its own follows the mapping, not the profile.
+    mapped_meter = entry(
+        category="dlq",
+        mapping={
+            "1": {"code": "total_forward_energy", "values": {"unit": "kW·h", "scale": 3}},
+            "6": {"code": "phase_a", "type": "Raw", "values": {}},
+            "16": {"code": "switch", "type": "Boolean", "values": {}},
+        },
+    )
+    plan = tuya.plan_for(mapped_meter)
+    assert plan.channels == {"energy_kwh": tuya.Channel("1", 3)}
+    assert plan.phase_dps == ("6",) and plan.source == "mapping" and plan.kind == tuya.METER
+    # No mapping, no profile: a socket is read with the usual DPs once seen.
+    bare = tuya.plan_for(entry())
+    assert bare.kind == tuya.SWITCH and bare.probe_layouts and bare.switch_dp == "1"
+    resolved = tuya.resolve_layout(bare, plug_dps(40.0, legacy=True))
+    assert resolved is not None and resolved.channels["power_watts"] == tuya.Channel("5", 1)
+    assert tuya.resolve_layout(bare, {"1": True}) is None
+
+
+def test_usual_dps_are_not_taken_when_the_mapping_gives_them_another_meaning():
+    device = entry(
+        mapping={
+            "1": {"code": "switch_1", "type": "Boolean"},
+            "19": {"code": "countdown_1", "type": "Integer", "values": {"scale": 0}},
+        }
+    )
+    plan = tuya.plan_for(device)
+    assert tuya.resolve_layout(plan, plug_dps(40.0)) is None
+    assert tuya.resolve_layout(plan, plug_dps(40.0, legacy=True)) is not None
+
+
+@pytest.mark.parametrize(
+    "code, values, raw, expected",
+    [
+        ("cur_power", {"unit": "W", "scale": 1}, 405, 40.5),
+        ("cur_power", {"unit": "W", "scale": 0}, 40, 40.0),
+        ("cur_power", {"unit": "kW", "scale": 3}, 40, 40.0),
+        ("cur_current", {"unit": "mA", "scale": 0}, 170, 0.17),
+        ("cur_current", {"unit": "A", "scale": 3}, 170, 0.17),
+        ("cur_current", {"scale": 0}, 170, 0.17),  # no unit: mA, the convention
+        ("cur_voltage", {"unit": "V", "scale": 1}, 2398, 239.8),
+        ("cur_voltage", '{"unit":"V","scale":2}', 23980, 239.8),  # values as JSON text
+        ("forward_energy_total", {"unit": "kW·h", "scale": 2}, 123456, 1234.56),
+        ("forward_energy_total", {"unit": "W·h", "scale": 0}, 1234560, 1234.56),
+    ],
+)
+def test_mapping_scale_and_unit(code, values, raw, expected):
+    metric, channel = tuya.channel_from_mapping("9", code, {"code": code, "values": values})
+    assert channel.convert(raw) == pytest.approx(expected, rel=1e-12)
+    assert metric == tuya.UNITS[tuya.CONVENTIONAL_UNITS[code]][0]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("19", "must be a dict"),
+        ({"watts": {"dp": 19}}, "unknown metric"),
+        ({"power_watts": {"dp": "x"}}, "'dp' must be a DP number"),
+        ({"power_watts": {"dp": 19, "scale": 1.5}}, "'scale'"),
+        ({"power_watts": {"dp": 19, "unit": "mA"}}, "unit 'ma'"),
+        ({"power_watts": {"dp": 19, "factor": 10}}, "must be"),
+        ({"is_on": {"dp": 1, "scale": 1}}, "only 'dp'"),
+    ],
+)
+def test_bad_scaling_override_is_a_config_error(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        tuya.parse_scaling("TUYA_SCALING['Kettle']", spec)
+
+
+# --- decoding and checks -----------------------------------------------------------------
+
+
+def test_phase_decoding_known_bytes():
+    raw = bytes.fromhex("08fc0005dc000159")  # 230.0 V, 1.500 A, 345 W
+    assert tuya.decode_phase(base64.b64encode(raw).decode()) == (230.0, 1.5, 345.0)
+    assert tuya.decode_phase(encode_phase(241.3, 12.345, 2980)) == (241.3, 12.345, 2980.0)
+    for bad in ("not base64!", base64.b64encode(b"1234567").decode(), 12):
+        with pytest.raises(ValueError):
+            tuya.decode_phase(bad)
+
+
+def test_meter_values_one_and_three_phases(wizard):
+    plan = tuya.plan_for(by_name(wizard, "Main Oven"))
+    values, problems = tuya.extract_values(plan, din_meter_dps([(230.0, 1.5, 345.0)], 1234.56))
+    assert problems == []
+    assert tuya.combine_phases(values) == {
+        "is_on": 1.0,
+        "energy_kwh": 1234.56,
+        "voltage_volts": 230.0,
+        "current_amps": 1.5,
+        "power_watts": 345.0,
+    }
+    phases = [(230.0, 10.0, 2300.0), (231.0, 2.0, 462.0), (229.0, 0.5, 100.0)]
+    values, _ = tuya.extract_values(plan, din_meter_dps(phases, 10.0, on=False))
+    combined = tuya.combine_phases(values)
+    assert combined["l2_power_watts"] == 462.0 and combined["l3_current_amps"] == 0.5
+    assert combined["power_watts"] == 2862.0 and combined["current_amps"] == 12.5
+    assert combined["voltage_volts"] == pytest.approx(230.0)
+    assert combined["is_on"] == 0.0
+
+
+def test_single_phase_meter_reporting_empty_phases_stays_single(wizard):
+    plan = tuya.plan_for(by_name(wizard, "Main Oven"))
+    dps = din_meter_dps([(230.0, 1.0, 230.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)], 1.0)
+    values, _ = tuya.extract_values(plan, dps)
+    assert set(tuya.combine_phases(values)) == {
+        "is_on",
+        "energy_kwh",
+        "voltage_volts",
+        "current_amps",
+        "power_watts",
+    }
+
+
+def test_unreadable_dps_are_reported_not_sent(wizard):
+    plan = tuya.plan_for(by_name(wizard, "Kettle"))
+    dps = {"1": "on", "18": None, "19": "lots", "20": 2401, "17": 3}
+    values, problems = tuya.extract_values(plan, dps)
+    assert values == {"voltage_volts": 240.1}
+    assert len(problems) == 3 and all(p.startswith("DP ") for p in problems)
+
+
+def test_values_outside_physical_sense_are_dropped():
+    ranges = tuya.parse_ranges(load_settings(env={}, local_path="/nonexistent").tuya_ranges)
+    values = {"power_watts": 4400.0, "voltage_volts": 40.0, "current_amps": 0.2, "is_on": 1.0}
+    kept, dropped = tuya.check_ranges(values, ranges["plug"])
+    assert kept == {"current_amps": 0.2, "is_on": 1.0}
+    assert [line.split()[0] for line in dropped] == ["power_watts", "voltage_volts"]
+    kept, dropped = tuya.check_ranges(
+        {"l2_voltage_volts": 500.0, "energy_kwh": -1.0}, ranges["meter"]
+    )
+    assert kept == {} and len(dropped) == 2
+
+
+def test_power_above_voltage_times_current_is_the_classic_scaling_mistake():
+    # 400 W read for a 40 W plug (power taken as whole watts instead of W x10).
+    wrong = {"power_watts": 400.0, "voltage_volts": 240.0, "current_amps": 0.17, "is_on": 1.0}
+    kept, dropped = tuya.check_apparent_power(wrong)
+    assert kept == {"voltage_volts": 240.0, "is_on": 1.0}
+    assert "disagree" in dropped[0]
+    right = {"power_watts": 40.0, "voltage_volts": 240.0, "current_amps": 0.17}
+    assert tuya.check_apparent_power(right) == (right, [])
+    low_power_factor = {"power_watts": 3.0, "voltage_volts": 240.0, "current_amps": 0.05}
+    assert tuya.check_apparent_power(low_power_factor)[1] == []
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"plug": {"power_watts": [10, 1]}}, "min, max"),
+        ({"plug": {"watts": [0, 1]}}, "power_watts"),
+        ({"oven": {}}, "keys are"),
+        ([], "must be a dict"),
+    ],
+)
+def test_bad_ranges_are_a_config_error(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        tuya.parse_ranges(raw)
+
+
+# --- announcements -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_announcements_of_every_version_decode(version):
+    device = SimulatedTuyaDevice("bf0123456789abcdefghij", KEY, version, host="127.0.0.1")
+    announcement = tuya.parse_announcement(device.announcement(), "127.0.0.99")
+    assert announcement == tuya.Announcement(
+        "bf0123456789abcdefghij", "127.0.0.1", version, device.product_key
+    )
+
+
+def test_garbage_datagrams_are_not_announcements():
+    rng = random.Random(7)
+    for size in (0, 1, 20, 100, 600):
+        assert tuya.parse_announcement(bytes(rng.randrange(256) for _ in range(size)), "x") is None
+    assert tuya.parse_announcement(b'{"gwId": 5}', "127.0.0.1") is None
+    assert tuya.parse_announcement(b"\x00" * 5000, "127.0.0.1") is None
+
+
+def test_listening_hears_devices_and_stops_once_all_wanted_are_heard(free_udp_port):
+    devices = [
+        SimulatedTuyaDevice(f"bf{n:020d}", KEY, version, host=f"127.0.0.{n + 1}")
+        for n, version in enumerate(VERSIONS)
+    ]
+
+    async def scenario():
+        listening = asyncio.ensure_future(
+            tuya.listen_for_announcements(
+                "127.0.0.1", [free_udp_port], NO_HANG_S, {d.dev_id for d in devices}
+            )
+        )
+        await asyncio.sleep(0.2)
+        for device in devices:
+            device.announce(("127.0.0.1", free_udp_port))
+        return await asyncio.wait_for(listening, NO_HANG_S)
+
+    heard = asyncio.run(scenario())
+    assert {dev_id: a.version for dev_id, a in heard.items()} == {
+        d.dev_id: d.version for d in devices
+    }
+    assert heard[devices[2].dev_id].ip == "127.0.0.3"
+
+
+@pytest.fixture
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- keys stay secret -------------------------------------------------------------------
+
+
+def test_secret_filter_scrubs_messages_arguments_and_tracebacks():
+    keys = tuya.SecretFilter()
+    keys.add([KEY, "short"])
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s and %r", (KEY, KEY), None)
+    keys.filter(record)
+    assert KEY not in record.getMessage() and "<key>" in record.getMessage()
+    try:
+        raise ValueError(f"bad {KEY}")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+    keys.filter(record)
+    assert KEY not in record.exc_text
+    short = logging.LogRecord("x", logging.INFO, __file__, 1, "short words", (), None)
+    keys.filter(short)
+    assert short.getMessage() == "short words"  # too short to be a key: left alone
+
+
+def test_tinytuya_device_repr_leaves_the_key_out():
+    client = tuya._Client("bfa1b2c3d4e5f6a7b8c9zz", "127.0.0.1", KEY, version=3.3)
+    assert KEY not in repr(client)
+    assert KEY in tinytuya.OutletDevice.__repr__(client)  # why _Client overrides it
+    client.close()
+
+
+# --- TuyaConnection against simulated devices ------------------------------------------------
+
+
+@pytest.fixture
+def hosts():
+    subnet = f"127.{random.randrange(100, 255)}.{random.randrange(256)}."
+    return (f"{subnet}{n}" for n in range(1, 255))
+
+
+@pytest.fixture
+def serve():
+    started: list[TuyaSimulator] = []
+
+    def _serve(*devices: SimulatedTuyaDevice) -> TuyaSimulator:
+        simulator = TuyaSimulator(devices).start()
+        started.append(simulator)
+        return simulator
+
+    yield _serve
+    for simulator in reversed(started):
+        simulator.stop()
+
+
+@pytest.fixture
+def connect():
+    made: list[tuya.TuyaConnection] = []
+
+    def _connect(device: SimulatedTuyaDevice, key: str = KEY, version=None, plan=None, **kw):
+        raw = {
+            "id": device.dev_id,
+            "name": f"plug {device.version}",
+            "key": key,
+            "category": "cz",
+            "mapping": MAPPED_PLUG,
+        }
+        device_entry = tuya.parse_entry(raw)
+        kw.setdefault("timeout_s", TIMEOUT_S)
+        connection = tuya.TuyaConnection(
+            device_entry,
+            device.host,
+            device.port,
+            device.version if version is None else version,
+            plan or tuya.plan_for(device_entry),
+            **kw,
+        )
+        made.append(connection)
+        return connection
+
+    yield _connect
+    for connection in made:
+        connection.close()
+
+
+MAPPED_PLUG = {
+    "1": {"code": "switch_1", "type": "Boolean", "values": {}},
+    "17": {"code": "add_ele", "type": "Integer", "values": {"scale": 3}},
+    "18": {"code": "cur_current", "type": "Integer", "values": {"unit": "mA", "scale": 0}},
+    "19": {"code": "cur_power", "type": "Integer", "values": {"unit": "W", "scale": 1}},
+    "20": {"code": "cur_voltage", "type": "Integer", "values": {"unit": "V", "scale": 1}},
+}
+
+
+def make_plug(host: str, version: str, **kwargs) -> SimulatedTuyaDevice:
+    kwargs.setdefault("dps", plug_dps(42.5, 239.0))
+    return SimulatedTuyaDevice("bf11db5eb189bb21e7uscg", KEY, version, host=host, port=0, **kwargs)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version)
+    serve(device)
+    connection = connect(device)
+    assert asyncio.run(connection.poll()) == device.dps
+    device.set_dps(plug_dps(1500.0, 231.0))  # pushed to the open connection
+    dps = connection.read()
+    assert dps == device.dps
+    assert device.counts["connect"] == 1
+    assert connection.answered and connection.failures == 0
+
+
+@pytest.mark.parametrize("version", ["3.3", "3.4", "3.5"])
+def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version)
+    serve(device)
+    with pytest.raises(tuya.TuyaError) as info:
+        connect(device, key=OTHER_KEY).read()
+    message = str(info.value)
+    assert "wrong local key" in message and version in message
+    assert KEY not in message and OTHER_KEY not in message
+    assert not isinstance(info.value, tuya.NoAnswer)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_hung_device_is_no_answer_within_the_timeout(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version, mode="hang")
+    serve(device)
+    started = time.monotonic()
+    with pytest.raises(tuya.NoAnswer, match="no answer"):
+        connect(device).read()
+    assert time.monotonic() - started < NO_HANG_S
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_garbage_is_an_error_not_a_crash(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version, mode="garbage")
+    serve(device)
+    with pytest.raises(tuya.TuyaError, match=r"garbled|wrong local key"):
+        connect(device).read()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_busy_device_is_left_alone_for_the_backoff(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version, mode="busy")
+    serve(device)
+    connection = connect(device, busy_backoff_s=3600)
+    with pytest.raises(tuya.DeviceBusy, match="another client"):
+        connection.read()
+    attempts = device.counts["reject"]
+    device.mode = "normal"
+    with pytest.raises(tuya.DeviceBusy, match="left alone"):
+        connection.read()
+    assert device.counts["reject"] == attempts and "connect" not in device.counts
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_stale_power_is_refreshed_with_updatedps(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version, mode="stale", power_dps=["18", "19", "20"])
+    serve(device)
+    connection = connect(device, stale_polls=2)
+    assert connection.read() == device.dps  # missing from STATUS: asked for
+    assert device.counts["UPDATEDPS"] == 1
+    connection.read()
+    connection.read()  # unchanged twice: asked again
+    assert device.counts["UPDATEDPS"] == 2
+
+
+@pytest.mark.parametrize("version", ["3.3", "3.4"])
+def test_device22_is_asked_for_its_dps_by_number(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version, device22=True)
+    serve(device)
+    connection = connect(device)
+    assert connection.read() == {k: v for k, v in device.dps.items() if k != "17"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unknown_version_is_detected(version, hosts, serve, connect):
+    device = make_plug(next(hosts), version)
+    serve(device)
+    connection = connect(device, version="")
+    assert connection.read() == device.dps
+    assert connection.version == version
+
+
+def test_plug_without_mapping_is_read_with_the_usual_dps(hosts, serve, connect):
+    device = make_plug(next(hosts), "3.3", dps=plug_dps(40.0, legacy=True), mode="stale")
+    serve(device)
+    plan = tuya.plan_for(entry())
+    connection = connect(device, plan=plan)
+    dps = connection.read()
+    assert connection.plan.kind == tuya.PLUG
+    values, _ = tuya.extract_values(connection.plan, dps)
+    assert values["power_watts"] == 40.0 and values["current_amps"] == 0.167
+
+
+def test_a_second_poll_while_one_hangs_fails_at_once(hosts, serve, connect):
+    device = make_plug(next(hosts), "3.3", mode="hang")
+    serve(device)
+    connection = connect(device)
+
+    async def scenario():
+        first = asyncio.ensure_future(connection.poll())
+        await asyncio.sleep(0.1)
+        with pytest.raises(tuya.NoAnswer, match="previous answer"):
+            await connection.poll()
+        with pytest.raises(tuya.NoAnswer):
+            await first
+
+    asyncio.run(scenario())
+
+
+def test_refuses_what_would_make_tinytuya_scan_or_read_files():
+    device = entry()
+    plan = tuya.plan_for(device)
+    for address in ("", "Auto", "0.0.0.0"):
+        with pytest.raises(ValueError, match="no address"):
+            tuya.TuyaConnection(device, address, 6668, "3.3", plan, timeout_s=1)
+    with pytest.raises(ValueError, match="no local key"):
+        tuya.TuyaConnection(entry(key=""), "127.0.0.1", 6668, "3.3", plan, timeout_s=1)
+
+
+def test_power_dps_a_device_never_reports_do_not_cost_a_refresh_each_read(
+    wizard, fixtures_dir, hosts, serve, connect
+):
+    meter_entry = by_name(wizard, "Main Oven")
+    raw = json.loads((fixtures_dir / "tuya" / "devices.json").read_text(encoding="utf-8"))
+    meter = SimulatedTuyaDevice.from_devices_json(
+        next(e for e in raw if e["id"] == meter_entry.id), host=next(hosts), version="3.4", port=0
+    )
+    serve(meter)
+    connection = connect(meter, key=meter_entry.key, plan=tuya.plan_for(meter_entry))
+    for _ in range(3):
+        meter.set_dps(din_meter_dps([(230.0 + _, 1.0, 230.0)], 1.0), push=False)
+        values, _problems = tuya.extract_values(connection.plan, connection.read())
+        assert values["l1_voltage_volts"] == 230.0 + _
+    assert meter.counts["UPDATEDPS"] == 1  # the first read learns it has phase A only
+
+
+def test_a_device_that_never_answers_updatedps_is_not_asked_again():
+    class SilentClient:  # narrow: only what _update_dps touches
+        receive_error = None
+        calls = 0
+
+        def updatedps(self, dps):
+            SilentClient.calls += 1
+            return None  # tinytuya after waiting its timeout for a report
+
+    connection = tuya.TuyaConnection(
+        entry(), "127.0.0.1", 6668, "3.3", tuya.plan_for(entry()), timeout_s=1
+    )
+    try:
+        for _ in range(5):
+            assert connection._update_dps(SilentClient(), [19]) is None
+    finally:
+        connection.close()
+    assert SilentClient.calls == 2

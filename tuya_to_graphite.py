@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Tuya Wi-Fi plugs, switches and DIN meters to Graphite, over the local network.
+
+Run ``python -m tinytuya wizard`` once: this reads the devices.json it writes
+(ids, local keys, DP mappings) and needs nothing retyped. Each cycle sends,
+per device, ``power_watts``, ``voltage_volts``, ``current_amps``,
+``energy_kwh`` and ``is_on`` for metering plugs and DIN meters (three-phase
+meters add ``l1_``, ``l2_``, ``l3_`` figures), ``is_on`` for switch-only
+plugs. Other devices (water timers, alarms, gateways) are skipped with one
+line at start, as are devices configured as circuits (circuit_to_graphite.py
+reads those).
+
+``energy_kwh`` is the device's own total where it keeps one (DIN meters);
+plugs report only an increment (``add_ele``), so theirs is integrated from
+power samples and kept in the state dir across restarts.
+
+Devices without an address in devices.json or TUYA_ADDRESSES are found by
+listening for their own UDP announcements; nothing is broadcast. What each
+device measures and how its values scale, and the connections: tuya_devices.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import collector
+import tuya_devices as tuya
+from circuit_to_graphite import configured_tuya_circuit_ids
+from state import EnergyIntegrator
+
+# Samples further apart than this many poll intervals are not bridged when
+# integrating energy: the device was away, and guessing would invent energy.
+MAX_GAP_INTERVALS = 3
+HEALTH_COUNTERS = ("values_out_of_range", "values_unreadable")
+
+
+class TuyaCollector(collector.Collector):
+    source = "tuya"
+    description = "Tuya plugs, switches and DIN meters (local LAN, tinytuya) to Graphite"
+    interval_setting = "plug_interval_s"
+    discover_columns = ("name", "id", "address", "version", "product", "measures", "seen")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--devices",
+            metavar="FILE",
+            help="the devices.json of 'python -m tinytuya wizard' (or TUYA_DEVICES_FILE)",
+        )
+
+    @classmethod
+    def overrides(cls, args: argparse.Namespace) -> dict[str, Any]:
+        if args.devices:
+            return {"TUYA_DEVICES_FILE": str(Path(args.devices).resolve())}
+        return {}
+
+    def __init__(self, runtime: collector.Runtime, args: argparse.Namespace) -> None:
+        super().__init__(runtime, args)
+        settings = self.settings
+        self.tuya = tuya.TuyaSettings.load(settings)
+        if self.tuya.timeout_s < settings.tuya_timeout_s:
+            self.log.info(
+                "TUYA_TIMEOUT_S held at %g s, a quarter of DEVICE_TIMEOUT_S", self.tuya.timeout_s
+            )
+        self.circuit_ids = configured_tuya_circuit_ids(settings)
+        interval_s = float(getattr(settings, self.interval_setting))
+        self.energy = EnergyIntegrator(
+            runtime.state_path("energy.json"), max_gap_s=MAX_GAP_INTERVALS * interval_s
+        )
+        self.entries: list[tuya.DeviceEntry] = []
+        self._loaded_stamp: tuple[float, int] | None = None
+        self.connections: dict[str, tuya.TuyaConnection] = {}
+        self.announced: dict[str, tuya.Announcement] = {}
+        self._said: set[tuple[str, str]] = set()  # (device id, subject) logged already
+        for counter in HEALTH_COUNTERS:
+            runtime.health.extra.setdefault(counter, 0)
+        self._load()
+
+    # --- devices.json -----------------------------------------------------------
+
+    def _load(self) -> None:
+        """Read devices.json, again whenever it changed (the wizard was re-run)."""
+        try:
+            stat = self.tuya.devices_path.stat()
+            stamp = (stat.st_mtime, stat.st_size)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._loaded_stamp:
+            return
+        entries, problems = tuya.load_devices_file(self.tuya.devices_path)
+        tuya.protect_keys(entries)
+        for problem in problems:
+            self.log.warning("%s: %s", self.tuya.devices_path, problem)
+        if self._loaded_stamp is not None:
+            self.log.info("%s changed: %d devices", self.tuya.devices_path, len(entries))
+        self.entries, self._loaded_stamp = entries, stamp
+        self._warn_unknown_names()
+
+    def _warn_unknown_names(self) -> None:
+        names = {e.id for e in self.entries} | {e.name.casefold() for e in self.entries}
+        for setting, table in (
+            ("TUYA_ADDRESSES", self.tuya.addresses),
+            ("TUYA_VERSIONS", self.tuya.versions),
+            ("TUYA_SCALING", self.tuya.scaling),
+            ("TUYA_EXCLUDE", self.tuya.exclude),
+        ):
+            for key in map(str, table):
+                if key not in names and key.strip().casefold() not in names:
+                    self._say_once(
+                        "",
+                        f"{setting}:{key}",
+                        f"{setting}: {key!r} is not in {self.tuya.devices_path}",
+                    )
+
+    def _plan(self, entry: tuya.DeviceEntry) -> tuple[tuya.Plan | None, str]:
+        """The device's plan, or None and why it is left out."""
+        if tuya.matches(self.tuya.exclude, entry):
+            return None, "excluded (TUYA_EXCLUDE)"
+        if entry.id in self.circuit_ids:
+            return None, "a circuit (CIRCUITS: circuit_to_graphite.py reads it)"
+        plan = self.tuya.plan(entry)
+        if plan.kind == tuya.SKIP:
+            return None, plan.describe()
+        if entry.node_id:
+            return None, f"a sub-device of a gateway ({plan.describe()}): not read yet"
+        if not entry.key:
+            return None, "no local key in devices.json: run the wizard again"
+        return plan, plan.describe()
+
+    def _address(self, entry: tuya.DeviceEntry) -> tuple[str, int]:
+        return self.tuya.address(entry, self.announced.get(entry.id))
+
+    def _version(self, entry: tuya.DeviceEntry) -> str:
+        return self.tuya.version(entry, self.announced.get(entry.id))
+
+    # --- discover -------------------------------------------------------------------
+
+    async def discover(self) -> list[collector.Device]:
+        self._load()
+        if getattr(self.args, "discover", False):
+            return await self._discover_table()
+        planned = []
+        for entry in self.entries:
+            plan, why = self._plan(entry)
+            if plan is None:
+                self._say_once(entry.id, "left out", f"{entry.label}: left out: {why}")
+            else:
+                planned.append((entry, plan))
+        # Listen for the devices with no address yet and for those that stopped
+        # answering (a new DHCP lease); a connected device does not announce.
+        wanted = {e.id for e, _ in planned if not self._address(e)[0]}
+        wanted |= {dev_id for dev_id, conn in self.connections.items() if conn.failures}
+        if wanted:
+            self.announced.update(await self.tuya.listen(wanted))
+        devices = []
+        for entry, plan in planned:
+            host, port = self._address(entry)
+            if not host:
+                self._say_once(
+                    entry.id,
+                    "no address",
+                    f"{entry.label}: no address: none in devices.json or TUYA_ADDRESSES, and "
+                    f"no announcement heard within {self.tuya.announce_listen_s:g} s",
+                )
+                continue
+            connection = self._connection(entry, host, port, plan)
+            devices.append(
+                collector.Device(
+                    stable_id=entry.id,
+                    name=entry.name,
+                    address=connection.where,
+                    model=entry.product_name or entry.product_id,
+                    measures_energy=plan.measures_power,
+                    handle=entry.id,
+                )
+            )
+        return devices
+
+    def _connection(
+        self, entry: tuya.DeviceEntry, host: str, port: int, plan: tuya.Plan
+    ) -> tuya.TuyaConnection:
+        """The device's connection, a new one if where or how to reach it changed."""
+        version = self._version(entry)
+        old = self.connections.get(entry.id)
+        if old is not None and old.requested == (entry, host, port, version, plan):
+            return old
+        if old is not None:
+            old.close()
+        connection = self.tuya.connect(entry, host, port, version, plan)
+        self.connections[entry.id] = connection
+        return connection
+
+    async def _discover_table(self) -> list[collector.Device]:
+        """--discover: devices.json merged with what announces itself."""
+        heard = await self.tuya.listen(None)
+        self.announced.update(heard)
+        rows = []
+        for entry in self.entries:
+            _, why = self._plan(entry)
+            host, port = self._address(entry)
+            where = "" if not host else host if port == tuya.DEFAULT_PORT else f"{host}:{port}"
+            seen = "announced" if entry.id in heard else "not seen"
+            row = (
+                entry.name,
+                entry.id,
+                where or "-",
+                self._version(entry) or "?",
+                entry.product_name or entry.product_id or "?",
+                why,
+                seen,
+            )
+            rows.append(collector.Device(entry.id, entry.name, where, handle=row))
+        known = {entry.id for entry in self.entries}
+        for dev_id, announcement in sorted(heard.items()):
+            if dev_id not in known:
+                row = (
+                    "?",
+                    dev_id,
+                    announcement.ip,
+                    announcement.version or "?",
+                    announcement.product_key or "?",
+                    "not in devices.json: run the wizard again",
+                    "announced",
+                )
+                rows.append(collector.Device(dev_id, "?", announcement.ip, handle=row))
+        unseen = [entry.name for entry in self.entries if entry.id not in heard]
+        if unseen:
+            self.log.info(
+                "%d of %d devices.json entries not heard within %g s (a device with a client "
+                "connected does not announce): %s",
+                len(unseen),
+                len(self.entries),
+                self.tuya.announce_listen_s,
+                ", ".join(unseen),
+            )
+        return rows
+
+    def discover_row(self, device: collector.Device) -> Sequence[str]:
+        return device.handle
+
+    # --- poll and extract -------------------------------------------------------------
+
+    async def poll(self, device: collector.Device) -> list[collector.Reading]:
+        connection = self.connections.get(device.stable_id)
+        if connection is None:
+            self._say_once(device.stable_id, "gone", f"{device.name}: gone from devices.json")
+            return []
+        dps = await connection.poll()
+        sampled_at = time.time()
+        values = self.extract(connection.entry, connection.plan, dps)
+        if "power_watts" in values and not connection.plan.has_counter:
+            values["energy_kwh"] = self.energy.add(
+                connection.entry.id, sampled_at, values["power_watts"]
+            )
+        return [collector.Reading(connection.entry.id, connection.entry.name, values)]
+
+    def extract(
+        self, entry: tuya.DeviceEntry, plan: tuya.Plan, dps: dict[str, Any]
+    ) -> dict[str, float]:
+        """The figures to send: scaled, checked, phases named. What cannot be
+        read or makes no physical sense is logged (once) and counted."""
+        values, unreadable = tuya.extract_values(plan, dps)
+        kept, dropped = tuya.check_ranges(values, self.tuya.ranges.get(plan.kind, {}))
+        kept, inconsistent = tuya.check_apparent_power(kept)
+        self._report(entry, "values_unreadable", unreadable, len(unreadable))
+        self._report(entry, "values_out_of_range", dropped + inconsistent, len(values) - len(kept))
+        for metric in kept:
+            self._said.discard((entry.id, metric))
+        return tuya.combine_phases(kept)
+
+    def _report(self, entry: tuya.DeviceEntry, counter: str, lines: list[str], count: int) -> None:
+        self.runtime.health.extra[counter] += count
+        for line in lines:
+            subject = line.split(" ")[0] if counter == "values_out_of_range" else line[:6]
+            self._say_once(entry.id, subject, f"{entry.label}: {line}; not sent")
+
+    def _say_once(self, device_id: str, subject: str, message: str) -> None:
+        """Log at WARNING (INFO for devices left out) once per device and subject."""
+        key = (device_id, subject)
+        level = logging.DEBUG
+        if key not in self._said:
+            self._said.add(key)
+            level = logging.INFO if subject == "left out" else logging.WARNING
+        self.log.log(level, "%s", message)
+
+    def end_of_cycle(self, timestamp: int) -> None:
+        self.energy.save()
+
+    async def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()
+        self.energy.save()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return collector.main(TuyaCollector, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
