@@ -313,6 +313,7 @@ class CarbonClient:
         batch_lines: int = 50_000,
         resend_window_s: float = 120.0,
         resend_max_lines: int = 100_000,
+        retry_preferred_s: float = 300.0,
     ) -> None:
         if not destinations:
             raise ValueError("at least one Carbon destination is needed")
@@ -331,6 +332,9 @@ class CarbonClient:
         self._recent_lines = 0
         self._resend: list[str] = []
         self._reachable = True
+        self._active = 0  # index of the destination that last confirmed
+        self.retry_preferred_s = retry_preferred_s
+        self._retry_preferred_at = 0.0
         self._lock = threading.Lock()
 
     def describe_destinations(self) -> str:
@@ -389,12 +393,18 @@ class CarbonClient:
             return True
         payload = "".join(lines).encode("ascii")
         errors = []
-        for host, port in self.destinations:
+        for index in self._delivery_order():
+            host, port = self.destinations[index]
             try:
                 self._send_confirmed(host, port, payload)
             except OSError as exc:
                 errors.append(f"{host}:{port}: {exc.__class__.__name__}: {exc}")
                 continue
+            if index != self._active:
+                log.info("sending to %s:%d", host, port)
+                self._active = index
+            if index:  # try the preferred destinations again now and then
+                self._retry_preferred_at = time.monotonic() + self.retry_preferred_s
             self.lines_sent += len(lines)
             self._remember(lines)
             if not self._reachable:
@@ -409,6 +419,16 @@ class CarbonClient:
             log.warning("Carbon unreachable (%s): keeping lines in the spool", self.last_error)
         self._reachable = False
         return False
+
+    def _delivery_order(self) -> list[int]:
+        """Destinations to try, in order: the one that last confirmed first,
+        so a hung primary costs its timeout once per retry period, not once
+        per batch; the configured order again once that period is over."""
+        order = list(range(len(self.destinations)))
+        if self._active and time.monotonic() < self._retry_preferred_at:
+            order.remove(self._active)
+            order.insert(0, self._active)
+        return order
 
     def _remember(self, lines: Sequence[str]) -> None:
         """Keep confirmed lines for the resend window (bounded)."""

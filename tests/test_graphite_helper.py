@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -278,3 +279,28 @@ def test_spool_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
     assert len(Spool(tmp_path)) == 50  # all on the file already
     spool.sync()
     assert len(calls) == 2
+
+
+def test_failover_sticks_to_the_destination_that_answers(tmp_path):
+    """A hung primary costs its timeout once, not on every batch."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()
+    backup = RecordingServer()
+    try:
+        client = CarbonClient(
+            [hung.getsockname(), backup.address], timeout_s=0.5, spool=Spool(tmp_path)
+        )
+        started = time.monotonic()
+        assert client.send_lines(lines(1))
+        first_s = time.monotonic() - started
+        started = time.monotonic()
+        for start in range(1, 6):
+            assert client.send_lines(lines(1, start=start))
+        assert time.monotonic() - started < first_s  # five batches, no timeout paid
+        assert backup.received.decode() == "".join(lines(6))
+        client._retry_preferred_at = 0.0  # the retry period is over: primary first again
+        assert client._delivery_order() == [0, 1]
+    finally:
+        hung.close()
+        backup.close()
