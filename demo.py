@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,7 +114,7 @@ class EnergyCounter:
         return self.kwh
 
 
-def wait_listening(address: tuple[str, int], timeout_s: float, stop: threading.Event) -> bool:
+def wait_for_port(address: tuple[str, int], timeout_s: float, stop: threading.Event) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         with contextlib.suppress(OSError), socket.create_connection(address, timeout=0.5):
@@ -259,7 +260,7 @@ def esp32_source(stack: contextlib.ExitStack, work: Path) -> Source:
 
     def post_pulses(stop: threading.Event) -> None:
         # The device boots with the receiver: first posts go out once it listens.
-        if wait_listening(("127.0.0.1", port), 60, stop):
+        if wait_for_port(("127.0.0.1", port), 60, stop):
             esp32.flush()  # a first reading at once, not after a post interval
             esp32.run(24 * 3600, stop=stop)
 
@@ -291,21 +292,24 @@ def mqtt_source(stack: contextlib.ExitStack, work: Path) -> Source:
     stack.callback(broker.stop)
     interval_s = int(INTERVAL_S)
     glow = SimulatedGlow(start=int(time.time()) - interval_s, interval_s=interval_s)
-    started = time.monotonic()
 
     def publish(stop: threading.Event) -> None:
         with Publisher(broker.host, broker.port) as publisher:
             while not stop.wait(interval_s):
-                glow.power_kw = house_watts(time.monotonic() - started) / 1000
                 publisher.publish_all(glow.step(interval_s))
 
     background(stack, publish)
+
+    def tick(elapsed_s: float) -> None:
+        glow.power_kw = house_watts(elapsed_s) / 1000
+
     return Source(
         "mqtt",
         "mqtt_to_graphite.py",
         "a Glow display (electricity and gas) publishing through a local Mosquitto",
         args=["--broker", f"{broker.host}:{broker.port}"],
         settings={"MQTT_HEALTH_INTERVAL_S": INTERVAL_S},
+        tick=tick,
     )
 
 
@@ -328,19 +332,22 @@ def circuit_source(stack: contextlib.ExitStack, work: Path) -> Source:
             ev_charger.set_phase(phase, voltage_v=237.0 + phase, power_w=loads["ev charger"] / 3)
         ev_charger.set(import_kwh=ev_kwh.add(loads["ev charger"], elapsed_s))
 
-    def circuit(name: str, unit: int) -> dict[str, Any]:
-        connection = f"{host}:{port}"
-        return {"name": name, "kind": "modbus-tcp", "connection": connection, "unit": unit}
+    def circuit(name: str, unit: int, profile: str) -> dict[str, Any]:
+        """One CIRCUITS entry, as in a home's config_local.py."""
+        return {
+            "name": name,
+            "kind": "modbus-tcp",
+            "connection": f"{host}:{port}",
+            "unit": unit,
+            "profile": profile,
+        }
 
     return Source(
         "circuit",
         "circuit_to_graphite.py",
         "an SDM120 (heat pump) and an SDM630 (EV charger) behind a Modbus TCP gateway",
         settings={
-            "CIRCUITS": [
-                {**circuit("Heat pump", 1), "profile": "sdm120"},
-                {**circuit("EV charger", 2), "profile": "sdm630"},
-            ]
+            "CIRCUITS": [circuit("Heat pump", 1, "sdm120"), circuit("EV charger", 2, "sdm630")]
         },
         tick=tick,
     )
@@ -485,7 +492,7 @@ def summary_tables(series: Series) -> str:
     return (
         format_table(("series", "points", "last value"), rows)
         + "\n"
-        + format_table(("collector", "devices ok", "failed", "lines sent", "spooled"), health)
+        + format_table(("collector", "devices ok", "failed", "lines sent", "in spool"), health)
     )
 
 
@@ -498,14 +505,15 @@ def write_chart(series: Series, names: list[str], path: Path, started: int) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    power = {
-        name: {p: points for p, points in series.items() if source_of(p) == name} for name in names
-    }
-    panels = [
-        (name, {p: pts for p, pts in found.items() if p.endswith(".power_watts")})
-        for name, found in power.items()
-    ]
-    panels = [(name, found) for name, found in panels if found]
+    panels = []
+    for name in names:
+        found = {
+            path: points
+            for path, points in series.items()
+            if source_of(path) == name and path.endswith(".power_watts") and not is_health(path)
+        }
+        if found:
+            panels.append((name, found))
     if not panels:
         return False
     figure, _ = plt.subplots(len(panels), 1, figsize=(10, 2.4 * len(panels)), sharex=True)
@@ -590,7 +598,7 @@ def watch(
                 last_shown = elapsed
             time.sleep(1.0 - (time.time() - started) % 1.0)
     except KeyboardInterrupt:
-        say("\nstopping early (Ctrl-C)")
+        say("\nstopping early")
     if interactive:
         say("")
     return started
@@ -674,6 +682,11 @@ def run(duration_s: float, output: Path) -> int:
         return report(series, [source.name for source in sources], output, started)
 
 
+def stop_early(signum: int, frame: Any) -> None:
+    """SIGTERM ends the demo as Ctrl-C does: summary, chart, everything stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
@@ -684,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where the chart, the logs and the demo's settings go (default demo-output/)",
     )
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_early)
     say("Simulated on 127.0.0.0/8, read by the real collectors:")
     return run(args.duration, args.output)
 
