@@ -113,7 +113,8 @@ def test_system_units_render_for_this_checkout(prefix: Path, tmp_path: Path) -> 
         assert unit["Type"] == ["notify"]
         assert unit["WatchdogSec"] == ["5min"]
         assert unit["Restart"] == ["always"] and unit["RestartSec"] == ["10"]
-        assert unit["Wants"] == unit["After"] == ["network-online.target"]
+        assert unit["Wants"] == ["network-online.target"]
+        assert unit["After"] == ["network-online.target time-sync.target"]
         assert unit["User"] == [
             subprocess.check_output(["stat", "-c", "%U", ROOT], text=True).strip()
         ]
