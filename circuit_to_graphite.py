@@ -312,21 +312,24 @@ def configured_tuya_circuit_ids(settings: Any) -> set[str]:
 # --- Extract: totals and ranges ---------------------------------------------------
 
 
-def complete_totals(values: Mapping[str, float], phases: int) -> dict[str, float]:
+def complete_totals(values: Mapping[str, float], phases: int | Sequence[int]) -> dict[str, float]:
     """A three-phase meter's unprefixed figures, where it reports only phases.
 
     Power and current are the sums of the phases, voltage their mean. The
-    meter's own figures, when present, are kept as they are. Needs every phase.
+    meter's own figures, when present, are kept as they are. Needs every phase:
+    ``phases`` is how many the meter has (none added below 2), or which ones.
     """
     completed = dict(values)
-    if phases < 2:
-        return completed
+    if isinstance(phases, int):
+        if phases < 2:
+            return completed
+        phases = range(1, phases + 1)
     for metric in ("power_watts", "current_amps", "voltage_volts"):
-        parts = [values.get(f"l{phase}_{metric}") for phase in range(1, phases + 1)]
+        parts = [values.get(f"l{phase}_{metric}") for phase in phases]
         if metric in completed or any(part is None for part in parts):
             continue
         total = math.fsum(parts)  # type: ignore[arg-type]
-        completed[metric] = total / phases if metric == "voltage_volts" else total
+        completed[metric] = total / len(parts) if metric == "voltage_volts" else total
     return completed
 
 

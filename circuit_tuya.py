@@ -67,8 +67,7 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
             if not entry.key:
                 raise ConfigError(f"{where}: {entry.label} has no local key in devices.json")
             self.meters[circuit.stable_id] = (entry, meter_plan(self.tuya.plan(entry)))
-        self.connections: dict[str, tuya.TuyaConnection] = {}
-        self.announced: dict[str, tuya.Announcement] = {}
+        self.connections = tuya.Connections(self.tuya)
         self.energy = EnergyIntegrator(
             runtime.state_path("tuya_energy.json"),
             max_gap_s=3 * float(self.settings.circuit_interval_s),
@@ -101,25 +100,17 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
 
     async def _connection(self, circuit: Any) -> tuya.TuyaConnection:
         entry, plan = self.meters[circuit.stable_id]
-        old = self.connections.get(entry.id)
-        host, port = self.tuya.address(entry, self.announced.get(entry.id))
-        if not host or (old is not None and old.failures >= 2):
+        host, port = self.connections.address(entry)
+        if not host or self.connections.failures(entry.id) >= 2:
             # No address yet, or it stopped answering (a new DHCP lease?): its
             # announcements say where it is.
             await self._listen()
-            host, port = self.tuya.address(entry, self.announced.get(entry.id))
+            host, port = self.connections.address(entry)
         if not host:
             raise circuits_module.NoAnswer(
                 "no address: none in devices.json or TUYA_ADDRESSES, and no announcement heard"
             )
-        version = self.tuya.version(entry, self.announced.get(entry.id))
-        if old is not None and old.requested == (entry, host, port, version, plan):
-            return old
-        if old is not None:
-            old.close()
-        connection = self.tuya.connect(entry, host, port, version, plan)
-        self.connections[entry.id] = connection
-        return connection
+        return self.connections.open(entry, host, port, plan)
 
     async def _listen(self) -> None:
         """Listen for announcements, at most once per re-discovery interval."""
@@ -129,15 +120,10 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
             wanted = {
                 entry.id
                 for entry, _ in self.meters.values()
-                if not self.tuya.address(entry, self.announced.get(entry.id))[0]
-                or self._failing(entry)
+                if not self.connections.address(entry)[0] or self.connections.failures(entry.id)
             }
-            self.announced.update(await self.tuya.listen(wanted or None))
+            await self.connections.listen(wanted or None)
             self._next_listen = time.monotonic() + self.settings.rediscover_interval_s
-
-    def _failing(self, entry: tuya.DeviceEntry) -> bool:
-        connection = self.connections.get(entry.id)
-        return connection is not None and connection.failures > 0
 
     def _say_once(self, device_id: str, subject: str, message: str) -> None:
         key = (device_id, subject)
@@ -146,8 +132,7 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
         self.log.log(level, "%s", message)
 
     async def close(self) -> None:
-        for connection in self.connections.values():
-            connection.close()
+        self.connections.close()
         self.energy.save()
 
 

@@ -5,8 +5,10 @@ one connection per device.
 Shared by tuya_to_graphite.py (plugs, switches, meters) and the circuit
 collector's Tuya DIN-meter reader (circuit_tuya.py). Pure functions first:
 loading devices.json, deciding what a device measures (``plan_for``),
-decoding its DPs (``extract_values``), sanity checks, announcements. The one
-class doing I/O, ``TuyaConnection``, comes last.
+decoding its DPs (``extract_values``), sanity checks (the circuit collector's
+range check and phase totals, applied per device), announcements. The class
+doing I/O, ``TuyaConnection``, and the ``Connections`` both collectors keep
+come last.
 
 Where a value's scale comes from, first match wins: the user's TUYA_SCALING,
 the device's own ``mapping`` in devices.json (``values.scale`` and ``unit``),
@@ -39,6 +41,7 @@ from typing import Any, Callable
 
 import tinytuya
 
+import circuit_to_graphite as circuits
 from settings import ConfigError, parse_host_port
 
 log = logging.getLogger("electricity.tuya")
@@ -631,20 +634,14 @@ def check_ranges(
 ) -> tuple[dict[str, float], list[str]]:
     """Split values into those within ``ranges`` ({metric: [min, max]}, per
     phase for ``lN_`` figures) and a line per value dropped. Energy counters
-    must not be negative."""
-    kept: dict[str, float] = {}
-    dropped: list[str] = []
-    for metric, value in values.items():
-        match = _PHASE.fullmatch(metric)
-        base = match.group(2) if match else metric
-        limits = ranges.get(base)
-        if base == "energy_kwh":
-            limits = (0.0, math.inf)
-        if limits is not None and not limits[0] <= value <= limits[1]:
-            dropped.append(f"{metric} {value:g} outside {limits[0]:g}..{limits[1]:g}")
-            continue
-        kept[metric] = value
-    return kept, dropped
+    must not be negative. The circuit collector's check, on one device's figures."""
+    limits = {**ranges, "energy_kwh": (0.0, math.inf)}
+    kept, dropped = circuits.check_ranges(values, limits, phases=1)
+    lines = []
+    for metric, value in dropped.items():
+        low, high = circuits.range_for(metric, limits, phases=1) or (-math.inf, math.inf)
+        lines.append(f"{metric} {value:g} outside {low:g}..{high:g}")
+    return kept, lines
 
 
 # Real power cannot exceed voltage x current (apparent power); this much slack
@@ -680,19 +677,12 @@ def combine_phases(values: Mapping[str, float]) -> dict[str, float]:
     """Name phase figures: a one-phase meter's are plain ``power_watts`` etc.;
     several phases keep ``lN_`` and add totals (power and current summed,
     voltage the mean) where every phase has the figure."""
-    phases = sorted({m.group(1) for m in map(_PHASE.fullmatch, values) if m})
+    phases = sorted({int(m.group(1)) for m in map(_PHASE.fullmatch, values) if m})
     if not phases:
         return dict(values)
-    if phases == ["1"]:
+    if phases == [1]:
         return {_PHASE.sub(r"\2", metric): value for metric, value in values.items()}
-    combined = dict(values)
-    for metric in ("power_watts", "current_amps", "voltage_volts"):
-        parts = [values.get(f"l{phase}_{metric}") for phase in phases]
-        if metric in combined or any(part is None for part in parts):
-            continue
-        total = math.fsum(parts)  # type: ignore[arg-type]
-        combined[metric] = total / len(parts) if metric == "voltage_volts" else total
-    return combined
+    return circuits.complete_totals(values, phases)
 
 
 def parse_ranges(raw: Any) -> dict[str, dict[str, tuple[float, float]]]:
@@ -1311,3 +1301,46 @@ class TuyaSettings:
         return await listen_for_announcements(
             self.announce_bind, self.announce_ports, self.announce_listen_s, wanted
         )
+
+
+class Connections:
+    """Each device's one connection, and where its announcements say it is:
+    what tuya_to_graphite.py and the circuit collector's Tuya reader both keep."""
+
+    def __init__(self, settings: TuyaSettings) -> None:
+        self.settings = settings
+        self.by_id: dict[str, TuyaConnection] = {}
+        self.announced: dict[str, Announcement] = {}
+
+    def address(self, entry: DeviceEntry) -> tuple[str, int]:
+        return self.settings.address(entry, self.announced.get(entry.id))
+
+    def version(self, entry: DeviceEntry) -> str:
+        return self.settings.version(entry, self.announced.get(entry.id))
+
+    def failures(self, device_id: str) -> int:
+        """Consecutive failed polls of the device's connection (0 without one)."""
+        connection = self.by_id.get(device_id)
+        return 0 if connection is None else connection.failures
+
+    async def listen(self, wanted: set[str] | None) -> dict[str, Announcement]:
+        """Announcements heard (see TuyaSettings.listen), remembered."""
+        heard = await self.settings.listen(wanted)
+        self.announced.update(heard)
+        return heard
+
+    def open(self, entry: DeviceEntry, host: str, port: int, plan: Plan) -> TuyaConnection:
+        """The device's connection, a new one if where or how to reach it changed."""
+        version = self.version(entry)
+        old = self.by_id.get(entry.id)
+        if old is not None and old.requested == (entry, host, port, version, plan):
+            return old
+        if old is not None:
+            old.close()
+        connection = self.settings.connect(entry, host, port, version, plan)
+        self.by_id[entry.id] = connection
+        return connection
+
+    def close(self) -> None:
+        for connection in self.by_id.values():
+            connection.close()

@@ -75,8 +75,7 @@ class TuyaCollector(collector.Collector):
         )
         self.entries: list[tuya.DeviceEntry] = []
         self._loaded_stamp: tuple[float, int] | None = None
-        self.connections: dict[str, tuya.TuyaConnection] = {}
-        self.announced: dict[str, tuya.Announcement] = {}
+        self.connections = tuya.Connections(self.tuya)
         self._said: set[tuple[str, str]] = set()  # (device id, subject) logged already
         for counter in HEALTH_COUNTERS:
             runtime.health.extra.setdefault(counter, 0)
@@ -133,12 +132,6 @@ class TuyaCollector(collector.Collector):
             return None, "no local key in devices.json: run the wizard again"
         return plan, plan.describe()
 
-    def _address(self, entry: tuya.DeviceEntry) -> tuple[str, int]:
-        return self.tuya.address(entry, self.announced.get(entry.id))
-
-    def _version(self, entry: tuya.DeviceEntry) -> str:
-        return self.tuya.version(entry, self.announced.get(entry.id))
-
     # --- discover -------------------------------------------------------------------
 
     async def discover(self) -> list[collector.Device]:
@@ -154,13 +147,13 @@ class TuyaCollector(collector.Collector):
                 planned.append((entry, plan))
         # Listen for the devices with no address yet and for those that stopped
         # answering (a new DHCP lease); a connected device does not announce.
-        wanted = {e.id for e, _ in planned if not self._address(e)[0]}
-        wanted |= {dev_id for dev_id, conn in self.connections.items() if conn.failures}
+        wanted = {e.id for e, _ in planned if not self.connections.address(e)[0]}
+        wanted |= {dev_id for dev_id, conn in self.connections.by_id.items() if conn.failures}
         if wanted:
-            self.announced.update(await self.tuya.listen(wanted))
+            await self.connections.listen(wanted)
         devices = []
         for entry, plan in planned:
-            host, port = self._address(entry)
+            host, port = self.connections.address(entry)
             if not host:
                 self._say_once(
                     entry.id,
@@ -169,7 +162,7 @@ class TuyaCollector(collector.Collector):
                     f"no announcement heard within {self.tuya.announce_listen_s:g} s",
                 )
                 continue
-            connection = self._connection(entry, host, port, plan)
+            connection = self.connections.open(entry, host, port, plan)
             devices.append(
                 collector.Device(
                     stable_id=entry.id,
@@ -182,35 +175,20 @@ class TuyaCollector(collector.Collector):
             )
         return devices
 
-    def _connection(
-        self, entry: tuya.DeviceEntry, host: str, port: int, plan: tuya.Plan
-    ) -> tuya.TuyaConnection:
-        """The device's connection, a new one if where or how to reach it changed."""
-        version = self._version(entry)
-        old = self.connections.get(entry.id)
-        if old is not None and old.requested == (entry, host, port, version, plan):
-            return old
-        if old is not None:
-            old.close()
-        connection = self.tuya.connect(entry, host, port, version, plan)
-        self.connections[entry.id] = connection
-        return connection
-
     async def _discover_table(self) -> list[collector.Device]:
         """--discover: devices.json merged with what announces itself."""
-        heard = await self.tuya.listen(None)
-        self.announced.update(heard)
+        heard = await self.connections.listen(None)
         rows = []
         for entry in self.entries:
             _, why = self._plan(entry)
-            host, port = self._address(entry)
+            host, port = self.connections.address(entry)
             where = "" if not host else host if port == tuya.DEFAULT_PORT else f"{host}:{port}"
             seen = "announced" if entry.id in heard else "not seen"
             row = (
                 entry.name,
                 entry.id,
                 where or "-",
-                self._version(entry) or "?",
+                self.connections.version(entry) or "?",
                 entry.product_name or entry.product_id or "?",
                 why,
                 seen,
@@ -247,7 +225,7 @@ class TuyaCollector(collector.Collector):
     # --- poll and extract -------------------------------------------------------------
 
     async def poll(self, device: collector.Device) -> list[collector.Reading]:
-        connection = self.connections.get(device.stable_id)
+        connection = self.connections.by_id.get(device.stable_id)
         if connection is None:
             self._say_once(device.stable_id, "gone", f"{device.name}: gone from devices.json")
             return []
@@ -293,8 +271,7 @@ class TuyaCollector(collector.Collector):
         self.energy.save()
 
     async def close(self) -> None:
-        for connection in self.connections.values():
-            connection.close()
+        self.connections.close()
         self.energy.save()
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_sending import serve_discard, stop_child
+from bench_sending import serve_discard, start_child, stop_child
 
 import collector
 import kasa_to_graphite
@@ -98,18 +97,8 @@ class SimulatedPlugs:
         self._conn = None
 
     def __enter__(self) -> SimulatedPlugs:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(
-            target=_simulator_child, args=(child_conn, self.count), daemon=True
-        )
-        self._process.start()
-        child_conn.close()
-        try:
-            self.port, self.sink_address = self._conn.recv()
-        except BaseException:  # the child died starting up (its traceback is on stderr)
-            stop_child(self._process, self._conn)
-            raise
+        self._process, self._conn, ready = start_child(_simulator_child, self.count)
+        self.port, self.sink_address = ready
         return self
 
     def __exit__(self, *exc_info: object) -> None:

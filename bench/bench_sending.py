@@ -90,20 +90,28 @@ class DiscardSink:
         self._conn = None
 
     def __enter__(self) -> DiscardSink:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_discard_child, args=(child_conn,), daemon=True)
-        self._process.start()
-        child_conn.close()
-        try:
-            self.address = tuple(self._conn.recv())
-        except BaseException:  # the child died starting up (its traceback is on stderr)
-            stop_child(self._process, self._conn)
-            raise
+        self._process, self._conn, address = start_child(_discard_child)
+        self.address = tuple(address)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         stop_child(self._process, self._conn)
+
+
+def start_child(target, *args):
+    """Run ``target(conn, *args)`` in a spawned process of its own: (process,
+    conn, its first message), which says what it serves once it is ready."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    process = context.Process(target=target, args=(child_conn, *args), daemon=True)
+    process.start()
+    child_conn.close()
+    try:
+        first = conn.recv()
+    except BaseException:  # the child died starting up (its traceback is on stderr)
+        stop_child(process, conn)
+        raise
+    return process, conn, first
 
 
 def stop_child(process, conn) -> None:

@@ -39,18 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 import collector  # noqa: E402
 from settings import load_settings  # noqa: E402
+from simulators.tuya import PLUG_MAPPING  # noqa: E402
 from tuya_to_graphite import TuyaCollector  # noqa: E402
 
 DEVICES = 50
 VERSIONS = ("3.1", "3.3", "3.4", "3.5")
 KEY = "0123456789abcdef"
-MAPPED_PLUG = {
-    "1": {"code": "switch_1", "type": "Boolean", "values": {}},
-    "17": {"code": "add_ele", "type": "Integer", "values": {"scale": 3}},
-    "18": {"code": "cur_current", "type": "Integer", "values": {"unit": "mA", "scale": 0}},
-    "19": {"code": "cur_power", "type": "Integer", "values": {"unit": "W", "scale": 1}},
-    "20": {"code": "cur_voltage", "type": "Integer", "values": {"unit": "V", "scale": 1}},
-}
+MAPPED_PLUG = PLUG_MAPPING
 
 
 def wizard_entries(count: int, subnet: str) -> list[dict]:

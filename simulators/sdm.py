@@ -371,6 +371,30 @@ class SimulatedSDM630(_SimulatedSDM):
 SimulatedMeter = Union[SimulatedSDM120, SimulatedSDM630]
 
 
+def example_sdm120() -> SimulatedSDM120:
+    """The suite's worked one-phase example: a heat pump's SDM120 on a circuit
+    that also exports (a PV inverter's), every figure distinct."""
+    return SimulatedSDM120(
+        voltage_v=231.5,
+        current_a=6.5,
+        power_w=-1480.0,
+        power_factor=0.98,
+        frequency_hz=49.95,
+        import_kwh=1234.5,
+        export_kwh=67.25,
+    )
+
+
+def example_sdm630() -> SimulatedSDM630:
+    """The suite's worked three-phase example: an EV charger's SDM630, phase 2
+    exporting, every figure distinct."""
+    meter = SimulatedSDM630(frequency_hz=50.02, import_kwh=9876.5, export_kwh=12.5)
+    meter.set_phase(1, voltage_v=229.0, current_a=4.0, power_w=900.0, power_factor=0.97)
+    meter.set_phase(2, voltage_v=231.0, current_a=2.5, power_w=-550.0, power_factor=0.95)
+    meter.set_phase(3, voltage_v=233.0, current_a=10.0, power_w=2300.0, power_factor=0.99)
+    return meter
+
+
 # --------------------------------------------------------------------------
 # The gateway: pymodbus server, contexts and request classes.
 # --------------------------------------------------------------------------

@@ -118,6 +118,16 @@ def decode_phase(value: str) -> tuple[float, float, float]:
 # --- default DP sets -----------------------------------------------------------------
 
 
+# The wizard's devices.json ``mapping`` of a metering plug: the DPs ``plug_dps`` serves.
+PLUG_MAPPING = {
+    "1": {"code": "switch_1", "type": "Boolean", "values": {}},
+    "17": {"code": "add_ele", "type": "Integer", "values": {"scale": 3}},
+    "18": {"code": "cur_current", "type": "Integer", "values": {"unit": "mA", "scale": 0}},
+    "19": {"code": "cur_power", "type": "Integer", "values": {"unit": "W", "scale": 1}},
+    "20": {"code": "cur_voltage", "type": "Integer", "values": {"unit": "V", "scale": 1}},
+}
+
+
 def plug_dps(
     power_w: float,
     voltage_v: float = 240.0,

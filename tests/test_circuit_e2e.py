@@ -3,38 +3,29 @@ Modbus TCP gateway on loopback, the real script, a real carbon-cache."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.carbon import free_port
-from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM630
+from simulators.sdm import (
+    ModbusMeterSimulator,
+    SimulatedSDM120,
+    example_sdm120,
+    example_sdm630,
+)
+from tests.conftest import carbon_arg, run_collector, start_collector
 
-ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "home.electricity.circuit"
 HEALTH = "home.electricity.health.circuit"
 
 
 @pytest.fixture
 def gateway():
-    heat_pump = SimulatedSDM120(
-        voltage_v=231.5,
-        current_a=6.5,
-        power_w=-1480.0,
-        power_factor=0.98,
-        frequency_hz=49.95,
-        import_kwh=1234.5,
-        export_kwh=67.25,
-    )
-    ev_charger = SimulatedSDM630(frequency_hz=50.02, import_kwh=9876.5, export_kwh=12.5)
-    ev_charger.set_phase(1, voltage_v=229.0, current_a=4.0, power_w=900.0, power_factor=0.97)
-    ev_charger.set_phase(2, voltage_v=231.0, current_a=2.5, power_w=-550.0, power_factor=0.95)
-    ev_charger.set_phase(3, voltage_v=233.0, current_a=10.0, power_w=2300.0, power_factor=0.99)
+    heat_pump, ev_charger = example_sdm120(), example_sdm630()
     meters = {1: heat_pump, 2: ev_charger, 3: SimulatedSDM120(fault=True)}
     with ModbusMeterSimulator(meters=meters) as simulator:
         yield simulator
@@ -62,12 +53,11 @@ def circuits_on(gateway: ModbusMeterSimulator, *units: int) -> list:
 
 
 @pytest.fixture
-def env(tmp_path, gateway):
+def env(collector_env, tmp_path, gateway):
     """A collector process's environment: the meters above, short timeouts."""
     return {
-        **os.environ,
+        **collector_env,
         "ELECTRICITY_CONFIG": str(write_config(tmp_path, circuits_on(gateway, 1, 2, 3))),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
         "CIRCUIT_MODBUS_TIMEOUT_S": "0.5",
         "DEVICE_TIMEOUT_S": "3",
         "CARBON_TIMEOUT_S": "2",
@@ -75,19 +65,7 @@ def env(tmp_path, gateway):
 
 
 def run_circuit(args: list, env: dict, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "circuit_to_graphite.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
-def carbon_arg(carbon) -> str:
-    host, port = carbon.line_address
-    return f"{host}:{port}"
+    return run_collector("circuit_to_graphite.py", args, env, timeout_s)
 
 
 def test_once_lands_every_figure_in_carbon(carbon_server, env) -> None:
@@ -117,20 +95,8 @@ def test_once_lands_every_figure_in_carbon(carbon_server, env) -> None:
 
 
 def test_runs_as_a_service_until_sigterm(carbon_server, env, gateway) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "circuit_to_graphite.py",
-            "--interval",
-            "1",
-            "--carbon",
-            carbon_arg(carbon_server),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_collector(
+        "circuit_to_graphite.py", ["--interval", "1", "--carbon", carbon_arg(carbon_server)], env
     )
     path = f"{PREFIX}.heat_pump.power_watts"
     try:

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 import modbus_meters
 from modbus_meters import SDM120, SDM630, Block, decode_float32, decode_values, plan_reads
-from simulators.sdm import MAX_REGISTERS_PER_REQUEST, SimulatedSDM120, SimulatedSDM630
+from simulators.sdm import (
+    MAX_REGISTERS_PER_REQUEST,
+    SimulatedSDM120,
+    SimulatedSDM630,
+    example_sdm120,
+    example_sdm630,
+)
 
 
 def registers_of(value: float) -> tuple[int, int]:
@@ -96,15 +102,7 @@ def read_like_the_meter(meter, blocks: list[Block]) -> list[list[int]]:
 
 
 def test_sdm120_profile_decodes_the_simulated_meter() -> None:
-    meter = SimulatedSDM120(
-        voltage_v=231.5,
-        current_a=6.5,
-        power_w=-1480.0,
-        power_factor=0.98,
-        frequency_hz=49.95,
-        import_kwh=1234.5,
-        export_kwh=67.25,
-    )
+    meter = example_sdm120()
     values = decode_values(
         SDM120.registers, SDM120.blocks, read_like_the_meter(meter, SDM120.blocks)
     )
@@ -120,10 +118,7 @@ def test_sdm120_profile_decodes_the_simulated_meter() -> None:
 
 
 def test_sdm630_profile_decodes_phases_and_the_meters_own_totals() -> None:
-    meter = SimulatedSDM630(frequency_hz=50.02, import_kwh=9876.5, export_kwh=12.5)
-    meter.set_phase(1, voltage_v=229.0, current_a=4.0, power_w=900.0, power_factor=0.97)
-    meter.set_phase(2, voltage_v=231.0, current_a=2.5, power_w=-550.0, power_factor=0.95)
-    meter.set_phase(3, voltage_v=233.0, current_a=10.0, power_w=2300.0, power_factor=0.99)
+    meter = example_sdm630()
     values = decode_values(
         SDM630.registers, SDM630.blocks, read_like_the_meter(meter, SDM630.blocks)
     )

@@ -20,33 +20,14 @@ from simulators.sdm import (
     ModbusMeterSimulator,
     ModbusRtuSimulator,
     SimulatedSDM120,
-    SimulatedSDM630,
+    example_sdm120,
+    example_sdm630,
 )
 
 PREFIX = "home.electricity.circuit"
 TIMESTAMP = 1_800_000_000
 # Short, so silent meters cost little; loopback answers in milliseconds.
 MODBUS_TIMEOUT_S = 0.3
-
-
-def sdm120() -> SimulatedSDM120:
-    return SimulatedSDM120(
-        voltage_v=231.5,
-        current_a=6.5,
-        power_w=-1480.0,  # exporting (a PV inverter's circuit)
-        power_factor=0.98,
-        frequency_hz=49.95,
-        import_kwh=1234.5,
-        export_kwh=67.25,
-    )
-
-
-def sdm630() -> SimulatedSDM630:
-    meter = SimulatedSDM630(frequency_hz=50.02, import_kwh=9876.5, export_kwh=12.5)
-    meter.set_phase(1, voltage_v=229.0, current_a=4.0, power_w=900.0, power_factor=0.97)
-    meter.set_phase(2, voltage_v=231.0, current_a=2.5, power_w=-550.0, power_factor=0.95)
-    meter.set_phase(3, voltage_v=233.0, current_a=10.0, power_w=2300.0, power_factor=0.99)
-    return meter
 
 
 def tcp_circuit(name: str, gateway: ModbusMeterSimulator, unit: int, profile: str) -> dict:
@@ -108,8 +89,8 @@ class Harness:
 @pytest.fixture
 def gateway():
     meters = {
-        1: sdm120(),
-        2: sdm630(),
+        1: example_sdm120(),
+        2: example_sdm630(),
         3: SimulatedSDM120(fault=True),
         4: SimulatedSDM120(silent=True),
     }
@@ -213,10 +194,10 @@ def test_impossible_values_are_dropped_and_counted(gateway, tmp_path) -> None:
 
 def test_a_silent_meter_on_one_gateway_delays_no_other_gateway(tmp_path) -> None:
     slow_timeout_s = 2.0
-    slow_meters = {1: SimulatedSDM120(silent=True), 2: sdm120()}
+    slow_meters = {1: SimulatedSDM120(silent=True), 2: example_sdm120()}
     with (
         ModbusMeterSimulator(meters=slow_meters) as slow,
-        ModbusMeterSimulator(meters={1: sdm630()}) as fast,
+        ModbusMeterSimulator(meters={1: example_sdm630()}) as fast,
     ):
         harness = Harness(
             tmp_path,
@@ -267,7 +248,7 @@ def test_an_unreachable_gateway_fails_its_meters_at_once(tmp_path, caplog) -> No
 
 def test_meters_on_a_serial_bus(tmp_path) -> None:
     pytest.importorskip("serial", reason="Modbus RTU needs pyserial")
-    meters = {1: sdm120(), 2: sdm630(), 3: SimulatedSDM120(silent=True)}
+    meters = {1: example_sdm120(), 2: example_sdm630(), 3: SimulatedSDM120(silent=True)}
     with ModbusRtuSimulator(meters=meters, baudrate=9600) as bus:
         circuits = [
             {

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -43,8 +40,8 @@ from meter_accounting import (
 )
 from settings import ConfigError, load_settings
 from simulators.esp32 import SimClock, SimulatedEsp32
+from tests.conftest import collector_environment, run_collector, start_collector, stop_collector
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
@@ -643,28 +640,13 @@ def test_stop_saves_the_state(tmp_path):
 
 def hermetic_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment for the script: no config_local.py, state in tmp_path."""
-    empty_config = tmp_path / "config_local.py"
-    empty_config.touch()
-    return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(empty_config),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
-        "ESP32_TOKEN": TOKEN,
-        **extra,
-    }
+    return collector_environment(tmp_path, **{"ESP32_TOKEN": TOKEN, **extra})
 
 
 def run_script(
     tmp_path: Path, *args: str, timeout: float = 30, **env: str
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "esp32_receiver.py"), *args],
-        env=hermetic_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_collector("esp32_receiver.py", args, hermetic_env(tmp_path, **env), timeout)
 
 
 class ReceiverProcess:
@@ -677,17 +659,11 @@ class ReceiverProcess:
         (tmp_path / "logs").mkdir(exist_ok=True)
         self.stderr_path = tmp_path / "logs" / f"receiver-{self.port}.log"
         self.stdout_path = tmp_path / "logs" / f"receiver-{self.port}.out"
-        argv = [
-            sys.executable,
-            str(ROOT / "esp32_receiver.py"),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *args,
-        ]
+        argv = ["--bind", "127.0.0.1", "--port", str(self.port), *args]
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
+            self.proc = start_collector(
+                "esp32_receiver.py", argv, env, stdout=out, stderr=err, text=False
+            )
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -704,14 +680,7 @@ class ReceiverProcess:
             time.sleep(0.05)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_collector(self.proc)
 
 
 @pytest.fixture

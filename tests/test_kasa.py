@@ -4,10 +4,6 @@ protocol to the real python-kasa, lines into a real carbon-cache."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +18,8 @@ from simulators.kasa import (
     load_fixture,
     loopback_host,
 )
+from tests.conftest import carbon_arg, run_collector, start_collector, stop_collector
 
-ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "home.electricity.kasa"
 
 
@@ -47,44 +43,17 @@ def expected_si(fixture: str) -> dict[str, float]:
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(collector_env):
     """Environment for a collector process: no user config, short timeouts."""
-    local = tmp_path / "config_local.py"
-    local.write_text("")
-    return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(local),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
-        "KASA_DISCOVERY_TIMEOUT_S": "1",
-        "DEVICE_TIMEOUT_S": "3",
-    }
+    return {**collector_env, "KASA_DISCOVERY_TIMEOUT_S": "1", "DEVICE_TIMEOUT_S": "3"}
 
 
 def run_kasa(args, env, timeout_s=60):
-    return subprocess.run(
-        [sys.executable, "kasa_to_graphite.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+    return run_collector("kasa_to_graphite.py", args, env, timeout_s)
 
 
 def start_kasa(args, env):
-    return subprocess.Popen(
-        [sys.executable, "kasa_to_graphite.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def carbon_arg(carbon_server):
-    host, port = carbon_server.line_address
-    return f"{host}:{port}"
+    return start_collector("kasa_to_graphite.py", args, env)
 
 
 def test_every_metering_fixture_lands_in_si_units(carbon_server, env):
@@ -237,17 +206,6 @@ def contiguous(points, step):
     return stamps == list(range(stamps[0], stamps[-1] + step, step))
 
 
-def stop_process(process):
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
 def test_carbon_outage_then_back_every_sample_lands(carbon_server, env):
     plug = SimulatedKasaDevice("KP115(EU)_1.0_1.0.16.json", host=loopback_host(0), alias="p")
     path = f"{PREFIX}.p.power_watts"
@@ -275,7 +233,7 @@ def test_carbon_outage_then_back_every_sample_lands(carbon_server, env):
                 what="points after the outage",
             )[0]
         finally:
-            code = stop_process(process)
+            code = stop_collector(process)
         stderr = process.stderr.read()
     assert code == 0, stderr
     assert "Carbon unreachable" in stderr
@@ -315,7 +273,7 @@ def test_killed_during_outage_replays_spool_after_restart(carbon_server, env, tm
                 what="spooled points replayed",
             )[0]
         finally:
-            assert stop_process(second) == 0
+            assert stop_collector(second) == 0
     assert sum(outage_start < ts < outage_end for ts, _ in points) >= 2
 
 

@@ -20,6 +20,8 @@ from simulators.sdm import (
     ModbusRtuSimulator,
     SimulatedSDM120,
     SimulatedSDM630,
+    example_sdm120,
+    example_sdm630,
     float32_to_registers,
 )
 
@@ -54,24 +56,12 @@ def exception_code(client: ModbusBaseSyncClient, unit: int, address: int, count:
 
 @pytest.fixture
 def sdm120() -> SimulatedSDM120:
-    return SimulatedSDM120(
-        voltage_v=231.5,
-        current_a=6.5,
-        power_w=-1480.0,
-        power_factor=0.98,
-        frequency_hz=49.95,
-        import_kwh=1234.5,
-        export_kwh=67.25,
-    )
+    return example_sdm120()
 
 
 @pytest.fixture
 def sdm630() -> SimulatedSDM630:
-    meter = SimulatedSDM630(frequency_hz=50.02, import_kwh=9876.5, export_kwh=12.5)
-    meter.set_phase(1, voltage_v=229.0, current_a=4.0, power_w=900.0, power_factor=0.97)
-    meter.set_phase(2, voltage_v=231.0, current_a=2.5, power_w=-550.0, power_factor=0.95)
-    meter.set_phase(3, voltage_v=233.0, current_a=10.0, power_w=2300.0, power_factor=0.99)
-    return meter
+    return example_sdm630()
 
 
 @pytest.fixture

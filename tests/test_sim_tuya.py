@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import socket
 import time
 from pathlib import Path
@@ -34,35 +33,6 @@ DEV_ID = "bf11db5eb189bb21e7uscg"
 # Only a generous ceiling to catch a hang: every failure below normally takes about
 # (retry limit + 1) x connection timeout, i.e. about one second.
 NO_HANG_S = 30.0
-
-_rng = random.Random()
-
-
-def _loopback_subnet() -> str:
-    """A random 127.a.b. prefix, so parallel test runs never share an address."""
-    return f"127.{_rng.randrange(100, 255)}.{_rng.randrange(256)}."
-
-
-@pytest.fixture
-def hosts():
-    """Distinct loopback addresses for one test."""
-    subnet = _loopback_subnet()
-    return (f"{subnet}{n}" for n in range(1, 255))
-
-
-@pytest.fixture
-def serve():
-    """Start simulators; every one started is stopped when the test ends."""
-    started: list[TuyaSimulator] = []
-
-    def _serve(*devices: SimulatedTuyaDevice, **kwargs) -> TuyaSimulator:
-        simulator = TuyaSimulator(devices, **kwargs).start()
-        started.append(simulator)
-        return simulator
-
-    yield _serve
-    for simulator in reversed(started):
-        simulator.stop()
 
 
 @pytest.fixture

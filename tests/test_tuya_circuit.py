@@ -6,18 +6,15 @@ carbon-cache."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator, din_meter_dps, plug_dps
+from tests.conftest import collector_environment, run_collector
 
-ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "home.electricity.circuit"
 HEALTH = "home.electricity.health.circuit"
 KEY = "0123456789abcdef"
@@ -78,36 +75,22 @@ def meters(tmp_path, fixtures_dir):
 
 
 def write_env(tmp_path: Path, devices_json: Path, announce_port: int, devices, circuits) -> dict:
-    local = tmp_path / "config_local.py"
     # Devices on free ports: their addresses (with the port) come from the config.
     addresses = {d.dev_id: f"{d.host}:{d.port}" for d in devices if d.dev_id != devices[1].dev_id}
-    local.write_text(f"CIRCUITS = {circuits!r}\nTUYA_ADDRESSES = {addresses!r}\n")
-    return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(local),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
-        "TUYA_DEVICES_FILE": str(devices_json),
-        "TUYA_ANNOUNCE_BIND": "127.0.0.1",
-        "TUYA_ANNOUNCE_PORTS": str(announce_port),
-        "TUYA_ANNOUNCE_LISTEN_S": "5",
-        "TUYA_TIMEOUT_S": "0.5",
-        "DEVICE_TIMEOUT_S": "8",
-    }
+    return collector_environment(
+        tmp_path,
+        config=f"CIRCUITS = {circuits!r}\nTUYA_ADDRESSES = {addresses!r}\n",
+        TUYA_DEVICES_FILE=str(devices_json),
+        TUYA_ANNOUNCE_BIND="127.0.0.1",
+        TUYA_ANNOUNCE_PORTS=str(announce_port),
+        TUYA_ANNOUNCE_LISTEN_S="5",
+        TUYA_TIMEOUT_S="0.5",
+        DEVICE_TIMEOUT_S="8",
+    )
 
 
 def circuit(name: str, device: SimulatedTuyaDevice, profile: str) -> dict:
     return {"name": name, "kind": "tuya", "connection": device.dev_id, "profile": profile}
-
-
-def run(script: str, args: list, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_tuya_meters_land_as_circuits(carbon_server, meters, tmp_path):
@@ -121,7 +104,7 @@ def test_tuya_meters_land_as_circuits(carbon_server, meters, tmp_path):
     ]
     env = write_env(tmp_path, devices_json, announce_port, devices, circuits)
     host, port = carbon_server.line_address
-    result = run("circuit_to_graphite.py", ["--once", "--carbon", f"{host}:{port}"], env)
+    result = run_collector("circuit_to_graphite.py", ["--once", "--carbon", f"{host}:{port}"], env)
     assert result.returncode == 0, result.stderr
     expected = {
         f"{PREFIX}.oven.voltage_volts": 231.4,
@@ -152,7 +135,7 @@ def test_tuya_meters_land_as_circuits(carbon_server, meters, tmp_path):
         assert key not in result.stderr
 
     # The Tuya collector leaves circuits alone: each device keeps one client.
-    dry = run("tuya_to_graphite.py", ["--once", "--dry-run"], env)
+    dry = run_collector("tuya_to_graphite.py", ["--once", "--dry-run"], env)
     assert dry.returncode == 3, dry.stderr  # every device here is a circuit
     assert dry.stderr.count("left out: a circuit") == 4
 
@@ -163,7 +146,7 @@ def test_a_circuit_id_missing_from_devices_json_stops_the_collector(meters, tmp_
     env = write_env(
         tmp_path, devices_json, announce_port, devices, [circuit("X", stranger, "tuya-din")]
     )
-    result = run("circuit_to_graphite.py", ["--once", "--dry-run"], env)
+    result = run_collector("circuit_to_graphite.py", ["--once", "--dry-run"], env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bf000000000000stranger is not in" in lines[0]

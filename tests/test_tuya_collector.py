@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import random
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,8 @@ from simulators.tuya import (
     din_meter_dps,
     plug_dps,
 )
+from tests.conftest import carbon_arg, run_collector
 
-ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "home.electricity.tuya"
 # devices.json has no address and no version for these: the collector learns
 # both from the devices' announcements.
@@ -118,13 +115,6 @@ def free_udp_port() -> int:
 
 
 @pytest.fixture
-def hosts() -> Iterator[str]:
-    """Loopback addresses of a random 127.a.b.0/24, so parallel runs never share one."""
-    subnet = f"127.{random.randrange(100, 255)}.{random.randrange(256)}."
-    return (f"{subnet}{n}" for n in range(1, 255))
-
-
-@pytest.fixture
 def announce_port() -> int:
     return free_udp_port()
 
@@ -179,13 +169,9 @@ def make_home(tmp_path, fixtures_dir, hosts, announce_port):
 
 
 @pytest.fixture
-def env(tmp_path, announce_port) -> dict[str, str]:
-    local = tmp_path / "config_local.py"
-    local.write_text("")
+def env(collector_env, announce_port) -> dict[str, str]:
     return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(local),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
+        **collector_env,
         "TUYA_ANNOUNCE_BIND": "127.0.0.1",
         "TUYA_ANNOUNCE_PORTS": str(announce_port),
         "TUYA_ANNOUNCE_LISTEN_S": "10",
@@ -195,19 +181,7 @@ def env(tmp_path, announce_port) -> dict[str, str]:
 
 
 def run_tuya(args, env, timeout_s=60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "tuya_to_graphite.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
-def carbon_arg(carbon_server) -> str:
-    host, port = carbon_server.line_address
-    return f"{host}:{port}"
+    return run_collector("tuya_to_graphite.py", args, env, timeout_s)
 
 
 def dry_run_values(stdout: str) -> dict[str, float]:

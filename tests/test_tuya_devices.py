@@ -18,8 +18,8 @@ import tinytuya
 import tuya_devices as tuya
 from settings import ConfigError, load_settings
 from simulators.tuya import (
+    PLUG_MAPPING,
     SimulatedTuyaDevice,
-    TuyaSimulator,
     din_meter_dps,
     encode_phase,
     plug_dps,
@@ -404,26 +404,6 @@ def test_tinytuya_device_repr_leaves_the_key_out():
 
 
 @pytest.fixture
-def hosts():
-    subnet = f"127.{random.randrange(100, 255)}.{random.randrange(256)}."
-    return (f"{subnet}{n}" for n in range(1, 255))
-
-
-@pytest.fixture
-def serve():
-    started: list[TuyaSimulator] = []
-
-    def _serve(*devices: SimulatedTuyaDevice) -> TuyaSimulator:
-        simulator = TuyaSimulator(devices).start()
-        started.append(simulator)
-        return simulator
-
-    yield _serve
-    for simulator in reversed(started):
-        simulator.stop()
-
-
-@pytest.fixture
 def connect():
     made: list[tuya.TuyaConnection] = []
 
@@ -453,13 +433,7 @@ def connect():
         connection.close()
 
 
-MAPPED_PLUG = {
-    "1": {"code": "switch_1", "type": "Boolean", "values": {}},
-    "17": {"code": "add_ele", "type": "Integer", "values": {"scale": 3}},
-    "18": {"code": "cur_current", "type": "Integer", "values": {"unit": "mA", "scale": 0}},
-    "19": {"code": "cur_power", "type": "Integer", "values": {"unit": "W", "scale": 1}},
-    "20": {"code": "cur_voltage", "type": "Integer", "values": {"unit": "V", "scale": 1}},
-}
+MAPPED_PLUG = PLUG_MAPPING
 
 
 def make_plug(host: str, version: str, **kwargs) -> SimulatedTuyaDevice:
