@@ -15,39 +15,21 @@ integrated from power, kept in the state dir.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import collector
 import tuya_devices as tuya
+from circuits import Circuit, CircuitReader, CircuitReadError, NoAnswer
 from settings import ConfigError
 from state import EnergyIntegrator
 
 
-def _circuit_module() -> ModuleType:
-    """circuit_to_graphite as it runs: the script itself (``__main__``) under
-    systemd, so the errors raised here are the very classes its collector
-    catches and counts, rather than a second copy's."""
-    main = sys.modules.get("__main__")
-    if Path(getattr(main, "__file__", None) or "").name == "circuit_to_graphite.py":
-        return main  # type: ignore[return-value]
-    return importlib.import_module("circuit_to_graphite")
-
-
-circuits_module = _circuit_module()
-
-
-class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-defined, misc]
+class TuyaCircuitReader(CircuitReader):
     """Tuya DIN meters and clamps, one connection (and thread) per meter."""
 
-    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Any]) -> None:
+    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Circuit]) -> None:
         super().__init__(runtime, circuits)
         self.tuya = tuya.TuyaSettings.load(self.settings)
         entries, problems = tuya.load_devices_file(self.tuya.devices_path)
@@ -74,20 +56,20 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
         )
         self._listen_lock = asyncio.Lock()
         self._next_listen = -math.inf
-        self._said: set[tuple[str, str]] = set()
+        self._said = collector.Once(self.log)  # (device id, subject)
 
-    async def read(self, circuit: Any) -> dict[str, float]:
+    async def read(self, circuit: Circuit) -> dict[str, float]:
         entry, _ = self.meters[circuit.stable_id]
         connection = await self._connection(circuit)
         try:
             dps = await connection.poll()
         except tuya.NoAnswer as exc:
-            raise circuits_module.NoAnswer(str(exc)) from None
+            raise NoAnswer(str(exc)) from None
         except tuya.TuyaError as exc:
-            raise circuits_module.CircuitReadError(str(exc)) from None
+            raise CircuitReadError(str(exc)) from None
         values, problems = tuya.extract_values(connection.plan, dps)
         for problem in problems:
-            self._say_once(entry.id, problem[:6], f"{circuit.name}: {problem}; not sent")
+            self._said.say((entry.id, problem[:6]), "%s: %s; not sent", circuit.name, problem)
         values.pop("is_on", None)  # a circuit reports what flows, not the breaker
         if circuit.phases == 1:
             values = tuya.combine_phases(values)
@@ -98,7 +80,7 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
                 self.energy.save()
         return values
 
-    async def _connection(self, circuit: Any) -> tuya.TuyaConnection:
+    async def _connection(self, circuit: Circuit) -> tuya.TuyaConnection:
         entry, plan = self.meters[circuit.stable_id]
         host, port = self.connections.address(entry)
         if not host or self.connections.failures(entry.id) >= 2:
@@ -107,7 +89,7 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
             await self._listen()
             host, port = self.connections.address(entry)
         if not host:
-            raise circuits_module.NoAnswer(
+            raise NoAnswer(
                 "no address: none in devices.json or TUYA_ADDRESSES, and no announcement heard"
             )
         return self.connections.open(entry, host, port, plan)
@@ -124,12 +106,6 @@ class TuyaCircuitReader(circuits_module.CircuitReader):  # type: ignore[name-def
             }
             await self.connections.listen(wanted or None)
             self._next_listen = time.monotonic() + self.settings.rediscover_interval_s
-
-    def _say_once(self, device_id: str, subject: str, message: str) -> None:
-        key = (device_id, subject)
-        level = logging.DEBUG if key in self._said else logging.WARNING
-        self._said.add(key)
-        self.log.log(level, "%s", message)
 
     async def close(self) -> None:
         self.connections.close()

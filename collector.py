@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -240,6 +240,58 @@ class Health:
     values_rejected: int = 0
     extra: dict = field(default_factory=dict)
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the source's own counter ``name`` (sent as
+        ``<prefix>.health.<source>.<name>``); ``count(name, 0)`` reports it
+        from the start."""
+        self.extra[name] = self.extra.get(name, 0) + n
+
+
+class Once:
+    """Say a problem once: at WARNING (or ``level``) the first time for its
+    key, at DEBUG while it lasts, and, when ``clear`` is given a message, once
+    when it is over. A key names the problem: a device id, (device, subject).
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self._keys: set[Hashable] = set()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def say(
+        self,
+        key: Hashable,
+        message: str,
+        *args: Any,
+        level: int = logging.WARNING,
+        again: str | None = None,
+    ) -> bool:
+        """Log ``message % args`` at ``level`` if ``key`` is new, else at
+        DEBUG (``again`` instead of ``message``, if given). True if it was new."""
+        if key in self._keys:
+            self.log.debug(again or message, *args)
+            return False
+        self._keys.add(key)
+        self.log.log(level, message, *args)
+        return True
+
+    def clear(
+        self, key: Hashable, message: str | None = None, *args: Any, level: int = logging.INFO
+    ) -> bool:
+        """``key``'s problem is over: log ``message % args`` (if given) at
+        ``level`` when it had been said. True if it had."""
+        if key not in self._keys:
+            return False
+        self._keys.discard(key)
+        if message is not None:
+            self.log.log(level, message, *args)
+        return True
+
 
 class Runtime:
     """Settings, names, sink and health of one running collector."""
@@ -452,7 +504,7 @@ class PollLoop:
         self.once = once
         self.devices: dict[str, Device] = {}
         self._stopping: asyncio.Event | None = None
-        self._failing: set[str] = set()
+        self._failing = Once(self.runtime.log)  # stable ids of devices failing
         self._last_discovery = -math.inf
         self._discovery: asyncio.Task | None = None
 
@@ -509,15 +561,16 @@ class PollLoop:
                 if isinstance(exc, asyncio.TimeoutError)
                 else f"{exc.__class__.__name__}: {exc}"
             )
-            if device.stable_id not in self._failing:
-                runtime.log.warning("%s (%s): %s", device.name, device.address, reason)
-                self._failing.add(device.stable_id)
-            else:
-                runtime.log.debug("%s (%s): still failing: %s", device.name, device.address, reason)
+            self._failing.say(
+                device.stable_id,
+                "%s (%s): %s",
+                device.name,
+                device.address,
+                reason,
+                again="%s (%s): still failing: %s",
+            )
             return None
-        if device.stable_id in self._failing:
-            runtime.log.info("%s (%s) answers again", device.name, device.address)
-            self._failing.discard(device.stable_id)
+        self._failing.clear(device.stable_id, "%s (%s) answers again", device.name, device.address)
         lines: list[str] = []
         for reading in readings:
             segment = runtime.names.name_for(reading.stable_id, reading.name)

@@ -357,11 +357,11 @@ class MeterReceiver:
         self.lock = threading.Lock()
         self.first_accepted = threading.Event()  # for --once
         self.started_at = time.time()
-        self.counters = runtime.health.extra
+        self.counters = runtime.health.extra  # read by the status page
         for name in (*self.REQUEST_COUNTERS, "timestamps_replaced"):
-            self.counters[name] = 0
+            runtime.health.count(name, 0)
         for outcome in OUTCOMES:
-            self.counters[f"readings_{outcome}"] = 0
+            runtime.health.count(f"readings_{outcome}", 0)
         self._complaints: dict[tuple[str, str], float] = {}
         interval_s = settings.meter_interval_s
         self.batcher = collector.LineBatcher(
@@ -382,7 +382,7 @@ class MeterReceiver:
         RequestEntityTooLarge); it is called only once the headers pass."""
         answer = self._receive(authorization, content_type, content_length, read_body)
         with self.lock:
-            self.counters[answer.kind] += 1
+            self.runtime.health.count(answer.kind)
         if answer.status != 200:
             self._complain(client, answer.kind, answer.payload["error"])
         return answer
@@ -455,7 +455,7 @@ class MeterReceiver:
                 )
             for reading in readings:
                 applied = self.accounts.apply(reading, received_at)
-                self.counters[f"readings_{applied.outcome}"] += 1
+                self.runtime.health.count(f"readings_{applied.outcome}")
                 if applied.outcome != ACCEPTED:
                     self._note_refused(reading, applied.outcome)
                     continue
@@ -469,7 +469,7 @@ class MeterReceiver:
                     settings.esp32_max_reading_age_s,
                 )
                 if reading.ts is not None and not own_ts:
-                    self.counters["timestamps_replaced"] += 1
+                    self.runtime.health.count("timestamps_replaced")
                 segment = self.runtime.names.name_for(reading.device_id, MAIN_METER_NAME)
                 lines.extend(
                     self.runtime.lines("", meter_values(reading, applied), timestamp, group=segment)

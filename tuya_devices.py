@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import tinytuya
 
-import circuit_to_graphite as circuits
+import circuits
+import collector
 from settings import ConfigError, parse_host_port
 
 log = logging.getLogger("electricity.tuya")
@@ -746,7 +747,7 @@ def parse_announcement(data: bytes, source_ip: str) -> Announcement | None:
     )
 
 
-_ports_warned: set[tuple[str, int]] = set()
+_port_problems = collector.Once(log)  # (bind, port) we could not listen on
 
 
 async def listen_for_announcements(
@@ -779,10 +780,8 @@ async def listen_for_announcements(
                 Listener, local_addr=(bind, port), reuse_port=hasattr(socket, "SO_REUSEPORT")
             )
         except OSError as exc:
-            level = logging.DEBUG if (bind, port) in _ports_warned else logging.WARNING
-            _ports_warned.add((bind, port))
-            log.log(
-                level,
+            _port_problems.say(
+                (bind, port),
                 "cannot listen for device announcements on UDP %s:%d (%s): devices without "
                 "an address in devices.json need one in TUYA_ADDRESSES",
                 bind,

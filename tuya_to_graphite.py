@@ -31,7 +31,7 @@ from typing import Any
 
 import collector
 import tuya_devices as tuya
-from circuit_to_graphite import configured_tuya_circuit_ids
+from circuits import configured_tuya_circuit_ids
 from state import EnergyIntegrator
 
 # Samples further apart than this many poll intervals are not bridged when
@@ -76,9 +76,11 @@ class TuyaCollector(collector.Collector):
         self.entries: list[tuya.DeviceEntry] = []
         self._loaded_stamp: tuple[float, int] | None = None
         self.connections = tuya.Connections(self.tuya)
-        self._said: set[tuple[str, str]] = set()  # (device id, subject) logged already
+        # Problems by (device id, subject): said at WARNING (devices left out
+        # at INFO) once, then at DEBUG.
+        self._said = collector.Once(self.log)
         for counter in HEALTH_COUNTERS:
-            runtime.health.extra.setdefault(counter, 0)
+            runtime.health.count(counter, 0)
         self._load()
 
     # --- devices.json -----------------------------------------------------------
@@ -111,10 +113,12 @@ class TuyaCollector(collector.Collector):
         ):
             for key in map(str, table):
                 if key not in names and key.strip().casefold() not in names:
-                    self._say_once(
-                        "",
-                        f"{setting}:{key}",
-                        f"{setting}: {key!r} is not in {self.tuya.devices_path}",
+                    self._said.say(
+                        ("", f"{setting}:{key}"),
+                        "%s: %r is not in %s",
+                        setting,
+                        key,
+                        self.tuya.devices_path,
                     )
 
     def _plan(self, entry: tuya.DeviceEntry) -> tuple[tuya.Plan | None, str]:
@@ -142,7 +146,9 @@ class TuyaCollector(collector.Collector):
         for entry in self.entries:
             plan, why = self._plan(entry)
             if plan is None:
-                self._say_once(entry.id, "left out", f"{entry.label}: left out: {why}")
+                self._said.say(
+                    (entry.id, "left out"), "%s: left out: %s", entry.label, why, level=logging.INFO
+                )
             else:
                 planned.append((entry, plan))
         # Listen for the devices with no address yet and for those that stopped
@@ -155,11 +161,12 @@ class TuyaCollector(collector.Collector):
         for entry, plan in planned:
             host, port = self.connections.address(entry)
             if not host:
-                self._say_once(
-                    entry.id,
-                    "no address",
-                    f"{entry.label}: no address: none in devices.json or TUYA_ADDRESSES, and "
-                    f"no announcement heard within {self.tuya.announce_listen_s:g} s",
+                self._said.say(
+                    (entry.id, "no address"),
+                    "%s: no address: none in devices.json or TUYA_ADDRESSES, and "
+                    "no announcement heard within %g s",
+                    entry.label,
+                    self.tuya.announce_listen_s,
                 )
                 continue
             connection = self.connections.open(entry, host, port, plan)
@@ -227,7 +234,7 @@ class TuyaCollector(collector.Collector):
     async def poll(self, device: collector.Device) -> list[collector.Reading]:
         connection = self.connections.by_id.get(device.stable_id)
         if connection is None:
-            self._say_once(device.stable_id, "gone", f"{device.name}: gone from devices.json")
+            self._said.say((device.stable_id, "gone"), "%s: gone from devices.json", device.name)
             return []
         dps = await connection.poll()
         sampled_at = time.time()
@@ -249,23 +256,14 @@ class TuyaCollector(collector.Collector):
         self._report(entry, "values_unreadable", unreadable, len(unreadable))
         self._report(entry, "values_out_of_range", dropped + inconsistent, len(values) - len(kept))
         for metric in kept:
-            self._said.discard((entry.id, metric))
+            self._said.clear((entry.id, metric))
         return tuya.combine_phases(kept)
 
     def _report(self, entry: tuya.DeviceEntry, counter: str, lines: list[str], count: int) -> None:
-        self.runtime.health.extra[counter] += count
+        self.runtime.health.count(counter, count)
         for line in lines:
             subject = line.split(" ")[0] if counter == "values_out_of_range" else line[:6]
-            self._say_once(entry.id, subject, f"{entry.label}: {line}; not sent")
-
-    def _say_once(self, device_id: str, subject: str, message: str) -> None:
-        """Log at WARNING (INFO for devices left out) once per device and subject."""
-        key = (device_id, subject)
-        level = logging.DEBUG
-        if key not in self._said:
-            self._said.add(key)
-            level = logging.INFO if subject == "left out" else logging.WARNING
-        self.log.log(level, "%s", message)
+            self._said.say((entry.id, subject), "%s: %s; not sent", entry.label, line)
 
     def end_of_cycle(self, timestamp: int) -> None:
         self.energy.save()

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector
 import modbus_meters
-from circuit_to_graphite import CircuitCollector, SerialLine
+from circuit_to_graphite import CircuitCollector
+from circuits import SerialLine
 from settings import load_settings
 from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM630
 

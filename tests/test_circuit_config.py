@@ -1,4 +1,4 @@
-"""circuit_to_graphite without devices: CIRCUITS checking, totals, ranges, names."""
+"""circuits.py without devices: CIRCUITS checking, totals, ranges, names."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import circuit_to_graphite as circuits_module
+import circuits as circuits_module
 import config
-from circuit_to_graphite import (
+from circuits import (
     PHYSICAL_LIMITS,
     Circuit,
     check_ranges,

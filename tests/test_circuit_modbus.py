@@ -14,7 +14,8 @@ import pytest
 
 import circuit_to_graphite
 import collector
-from circuit_to_graphite import CircuitCollector, CircuitReader
+from circuit_to_graphite import CircuitCollector
+from circuits import CircuitReader
 from settings import ConfigError, load_settings
 from simulators.sdm import (
     ModbusMeterSimulator,

@@ -140,6 +140,36 @@ def test_failure_is_logged_once_then_recovery(tmp_path, caplog):
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
+def test_once_says_a_problem_once_then_debug_and_when_it_clears(caplog):
+    once = collector.Once(logging.getLogger("electricity.once"))
+    with caplog.at_level(logging.DEBUG, logger="electricity.once"):
+        assert once.say(("a", "x"), "%s: %s", "a", "broken")
+        assert not once.say(("a", "x"), "%s: %s", "a", "broken", again="%s: still %s")
+        assert once.say(("b", "x"), "%s left out", "b", level=logging.INFO)
+        assert ("a", "x") in once and len(once) == 2
+        assert once.clear(("a", "x"), "%s fixed", "a")
+        assert not once.clear(("a", "x"), "%s fixed", "a")
+        assert once.clear(("b", "x"))  # silently
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [
+        (logging.WARNING, "a: broken"),
+        (logging.DEBUG, "a: still broken"),
+        (logging.INFO, "b left out"),
+        (logging.INFO, "a fixed"),
+    ]
+    assert not once
+
+
+def test_health_count_adds_to_the_source_counters():
+    health = collector.Health()
+    health.count("read_errors", 0)
+    assert health.extra == {"read_errors": 0}
+    health.count("read_errors")
+    health.count("values_out_of_range", 3)
+    health.count("read_errors", 0)
+    assert health.extra == {"read_errors": 1, "values_out_of_range": 3}
+
+
 def test_loop_cycles_on_interval_boundaries(tmp_path):
     runtime = make_runtime(tmp_path)
     source = FakeSource(runtime, {"a": (0, {"power_watts": 1})})
