@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -33,7 +33,7 @@ from graphite_helper import (
     format_line,
     metric_path,
 )
-from settings import ConfigError, load_settings, parse_host_port
+from settings import SECRET_SETTINGS, ConfigError, load_settings, parse_host_port
 from state import NameMap, StateLock
 
 EXIT_OK = 0
@@ -67,6 +67,81 @@ class _JournalFormatter(logging.Formatter):
         return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
 
 
+# --- Keeping secrets out of logs -----------------------------------------------
+
+
+class SecretFilter(logging.Filter):
+    """Replaces known secrets with ``<key>`` in every record a handler emits.
+
+    Defence in depth: nothing here logs a secret on purpose, but libraries
+    (tinytuya's debug lines, an exception quoting a URL) might. Values under
+    8 characters are not scrubbed: they would mangle ordinary words.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        self.secrets.update(s for s in secrets if s and len(s) >= 8)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "<key>")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is the logging module's to report
+            return True
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+_secret_filter = SecretFilter()
+
+
+def protect_secrets(secrets: Iterable[str]) -> None:
+    """Scrub these values from every line the root logger's handlers emit."""
+    _secret_filter.add(secrets)
+    for handler in logging.getLogger().handlers:
+        if _secret_filter not in handler.filters:
+            handler.addFilter(_secret_filter)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with every protected secret replaced."""
+    return _secret_filter.redact(text)
+
+
+def configured_secrets(settings: Any) -> list[str]:
+    """The values of the secret settings (passwords, tokens), however nested."""
+    found: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    for name in SECRET_SETTINGS:
+        collect(getattr(settings, name.lower(), None))
+    return found
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr (stdout is for --dry-run lines and --discover tables)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -74,6 +149,7 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_secret_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -409,6 +485,7 @@ def open_runtime(source: str, args: argparse.Namespace, overrides: dict[str, Any
     """Settings + logging + runtime; raises ConfigError on a bad setting."""
     settings = load_settings(local_path=args.config, overrides=overrides)
     setup_logging(settings.log_level)
+    protect_secrets(configured_secrets(settings))
     return Runtime(source, settings, dry_run=args.dry_run)
 
 

@@ -18,7 +18,7 @@ device's status shows them.
 
 Local keys live in ``DeviceEntry.key`` only: never in a repr, a log line or
 an exception message (tinytuya's own repr and debug log show them, so its
-logger stays at WARNING and ``SecretFilter`` scrubs every handler).
+logger stays at WARNING and ``collector.SecretFilter`` scrubs every handler).
 """
 
 from __future__ import annotations
@@ -807,52 +807,10 @@ async def listen_for_announcements(
 # --- Keeping keys out of logs ------------------------------------------------------
 
 
-class SecretFilter(logging.Filter):
-    """Replaces known secrets with ``<key>`` in every record a handler emits.
-
-    Defence in depth: nothing here logs a key, and tinytuya's logger (whose
-    debug lines and device repr show keys) is held at WARNING.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def add(self, secrets: Iterable[str]) -> None:
-        self.secrets.update(s for s in secrets if s and len(s) >= 8)
-
-    def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "<key>")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string is the logging module's to report
-            return True
-        redacted = self.redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.redact(record.exc_text)
-        return True
-
-
-_secret_filter = SecretFilter()
-
-
 def protect_keys(entries: Iterable[DeviceEntry]) -> None:
-    """Scrub these devices' keys from everything the root logger's handlers emit,
-    and hold tinytuya's logger at WARNING (its debug lines print keys)."""
-    _secret_filter.add(entry.key for entry in entries)
-    for handler in logging.getLogger().handlers:
-        if _secret_filter not in handler.filters:
-            handler.addFilter(_secret_filter)
+    """Scrub these devices' keys from every log line, and hold tinytuya's
+    logger at WARNING (its debug lines print keys)."""
+    collector.protect_secrets(entry.key for entry in entries)
     logging.getLogger("tinytuya").setLevel(logging.WARNING)
 
 
@@ -1004,7 +962,7 @@ class TuyaConnection:
             raise
         except Exception as exc:  # tinytuya failing in a way it does not report
             self._drop_client()
-            message = _secret_filter.redact(str(exc).replace(self.entry.key, "<key>"))
+            message = collector.redact_secrets(str(exc).replace(self.entry.key, "<key>"))
             raise TuyaError(f"tinytuya failed: {exc.__class__.__name__}: {message}") from None
         self.answered = True
         return dps

@@ -219,3 +219,21 @@ def test_logging_goes_to_stderr(journal, monkeypatch, capsys):
     assert captured.out == ""
     assert captured.err.rstrip().endswith("fake: plug down")
     assert captured.err.startswith("<4>") == journal
+
+
+def test_configured_secrets_never_reach_the_log(tmp_path, capsys):
+    """Every secret setting, however nested, is scrubbed from every log line,
+    whichever library writes it."""
+    local = tmp_path / "config_local.py"
+    local.write_text(
+        'KASA_PASSWORD = "kasa-pass-1234"\n'
+        'ESP32_DEVICE_TOKENS = {"meter": "token-abcdefgh-12345678"}\n'
+    )
+    settings = load_settings(env={}, local_path=local)
+    collector.setup_logging("DEBUG")
+    collector.protect_secrets(collector.configured_secrets(settings))
+    logging.getLogger("some.library").warning("login with %s", "kasa-pass-1234")
+    logging.getLogger("other.library").error("bad header Bearer token-abcdefgh-12345678")
+    err = capsys.readouterr().err
+    assert "kasa-pass-1234" not in err and "token-abcdefgh-12345678" not in err
+    assert err.count("<key>") == 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tinytuya
 
+import collector
 import tuya_devices as tuya
 from settings import ConfigError, load_settings
 from simulators.tuya import (
@@ -375,7 +376,7 @@ def free_udp_port() -> int:
 
 
 def test_secret_filter_scrubs_messages_arguments_and_tracebacks():
-    keys = tuya.SecretFilter()
+    keys = collector.SecretFilter()
     keys.add([KEY, "short"])
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s and %r", (KEY, KEY), None)
     keys.filter(record)
