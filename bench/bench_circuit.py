@@ -98,9 +98,10 @@ def run_cycles(circuits: list, cycles: int, state_dir: str) -> tuple[list[float]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="3 cycles: a smoke run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the silent meter's warning is expected
-    cycles = args.cycles
+    cycles = 3 if args.quick else args.cycles
     per_value = {name: len(p.registers) for name, p in modbus_meters.PROFILES.items()}
     print(
         f"{METERS} meters (10 SDM120, 10 SDM630), {cycles} cycles, "
