@@ -41,6 +41,26 @@ S = TypeVar("S", bound=_Server)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_from_the_users_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads the developer's config_local.py or writes into their real
+    state directory (spool, names), whatever it forgets to set."""
+    root = tmp_path_factory.mktemp("isolated")
+    empty_config = root / "config_local.py"
+    empty_config.write_text("")
+    saved = {name: os.environ.get(name) for name in ("ELECTRICITY_CONFIG", "ELECTRICITY_STATE_DIR")}
+    os.environ["ELECTRICITY_CONFIG"] = str(empty_config)
+    os.environ["ELECTRICITY_STATE_DIR"] = str(root / "state")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[[S], S]]:
     """Start any harness server; it is stopped when the test ends, pass or fail.
