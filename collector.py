@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -298,9 +299,6 @@ class DryRunSink:
             self.lines_sent += len(lines)
         return True
 
-    def flush_spool(self) -> int:
-        return 0
-
 
 # --- The runtime every collector shares -------------------------------------
 
@@ -417,9 +415,6 @@ class Runtime:
         """A file in this collector's state dir; None in dry runs (nothing written)."""
         return None if self.dry_run else self.state_dir / name
 
-    def path(self, *segments: str) -> str:
-        return metric_path(self.prefix, *segments)
-
     def lines(
         self,
         device_segment: str,
@@ -464,14 +459,20 @@ class Runtime:
             figures["spool_dropped"] = spool.dropped_lines
         return self.lines(self.source, figures, timestamp, group="health")
 
-    async def send(self, lines: Sequence[str]) -> bool:
-        """Send (or spool) in a worker thread; True when delivered."""
+    def deliver(self, lines: Sequence[str]) -> bool:
+        """Send (or spool) now, blocking; True when delivered."""
         if not lines:
             return True
-        loop = asyncio.get_running_loop()
-        delivered = await loop.run_in_executor(None, self.sink.send_lines, list(lines))
-        self.health.metrics_sent += len(lines) if delivered else 0
+        delivered = self.sink.send_lines(list(lines))
+        if delivered:
+            self.health.metrics_sent += len(lines)
         return delivered
+
+    async def send(self, lines: Sequence[str]) -> bool:
+        """``deliver`` in a worker thread, for the asyncio loop."""
+        if not lines:
+            return True
+        return await asyncio.get_running_loop().run_in_executor(None, self.deliver, lines)
 
     def undelivered_message(self) -> str:
         spool = self.sink.spool
@@ -756,6 +757,19 @@ class PollLoop:
         return EXIT_OK
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the event (the main thread then winds down)."""
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = [signal.signal(signum, lambda *_: stop.set()) for signum in signals]
+    try:
+        yield stop
+    finally:
+        for signum, handler in zip(signals, previous):
+            signal.signal(signum, handler)
+
+
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
     """First SIGTERM/SIGINT: finish the cycle, send or spool, exit 0."""
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -866,9 +880,7 @@ class LineBatcher:
             lines.extend(self.periodic(int(now)))
         if not lines:
             return True
-        delivered = self.runtime.sink.send_lines(lines)
-        if delivered:
-            self.runtime.health.metrics_sent += len(lines)
+        delivered = self.runtime.deliver(lines)
         self.delivered_all &= delivered
         # Only after lines were delivered or spooled (see watchdog_ping).
         watchdog_ping(

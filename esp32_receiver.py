@@ -24,7 +24,6 @@ import ipaddress
 import json
 import math
 import re
-import signal
 import sys
 import threading
 import time
@@ -739,33 +738,31 @@ def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT (or, with --once, the first accepted
     reading); then finish, send or spool what is left, save the state."""
-    signals: list[int] = []  # appended by the handler: no lock taken there
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, _frame: signals.append(number))
-    if not receiver.tokens.enabled:
-        runtime.log.warning("no token set: any local client may post (loopback only)")
-    receiver.batcher.start()
-    server.start()
-    runtime.log.info(
-        "listening on %s:%d%s, sending to %s",
-        server.host,
-        server.port,
-        READINGS_PATH,
-        "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
-    )
-    collector.sd_notify("READY=1")
-    try:
-        while not signals and server.alive:
-            if args.once and receiver.first_accepted.is_set():
-                break
-            time.sleep(0.2)
-        server_died = not server.alive
-    finally:
-        collector.sd_notify("STOPPING=1")
-        runtime.log.info("stopping: finishing requests under way, sending what is left")
-        server.stop()
-        delivered = receiver.batcher.stop()  # also saves the energy state
-        runtime.close()
+    with collector.stop_on_signals() as stop:
+        if not receiver.tokens.enabled:
+            runtime.log.warning("no token set: any local client may post (loopback only)")
+        receiver.batcher.start()
+        server.start()
+        runtime.log.info(
+            "listening on %s:%d%s, sending to %s",
+            server.host,
+            server.port,
+            READINGS_PATH,
+            "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
+        )
+        collector.sd_notify("READY=1")
+        try:
+            while not stop.is_set() and server.alive:
+                if args.once and receiver.first_accepted.is_set():
+                    break
+                stop.wait(0.2)
+            server_died = not server.alive
+        finally:
+            collector.sd_notify("STOPPING=1")
+            runtime.log.info("stopping: finishing requests under way, sending what is left")
+            server.stop()
+            delivered = receiver.batcher.stop()  # also saves the energy state
+            runtime.close()
     if server_died:
         print(f"{SOURCE}: the HTTP server stopped unexpectedly (see the log)", file=sys.stderr)
         return collector.EXIT_UNDELIVERED

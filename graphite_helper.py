@@ -356,35 +356,40 @@ class CarbonClient:
             )
         with self._lock:
             delivered = self._deliver_batches(valid)
-            if delivered and self.spool is not None and len(self.spool):
-                replayed = self.spool.replay(self._deliver, self.batch_lines)
-                if replayed:
-                    log.info("replayed %d spooled lines, %d left", replayed, len(self.spool))
-            # Recently confirmed lines a failed destination may not have written.
-            keep, self._resend = self._resend, []
-            if not delivered:
-                keep.extend(valid)
-            if keep and self.spool is not None:
-                self.spool.append(keep)
-                self.lines_spooled += len(keep)
+            if delivered:
+                self._replay()
+            self._spool([] if delivered else valid)
             return delivered
 
     def flush_spool(self) -> int:
         """Try to replay the spool alone. Returns lines delivered."""
+        with self._lock:
+            replayed = self._replay()
+            self._spool([])
+            return replayed
+
+    def _replay(self) -> int:
         if self.spool is None or not len(self.spool):
             return 0
-        with self._lock:
-            replayed = self.spool.replay(self._deliver, self.batch_lines)
-            keep, self._resend = self._resend, []
-            if keep:
-                self.spool.append(keep)
-            return replayed
+        replayed = self.spool.replay(self._deliver, self.batch_lines)
+        if replayed:
+            log.info("replayed %d spooled lines, %d left", replayed, len(self.spool))
+        return replayed
+
+    def _spool(self, lines: Sequence[str]) -> None:
+        """Spool ``lines``, after the recently confirmed lines a destination
+        that stopped answering may not have written."""
+        keep, self._resend = self._resend, []
+        keep.extend(lines)
+        if keep and self.spool is not None:
+            self.spool.append(keep)
+            self.lines_spooled += len(keep)
 
     def _deliver_batches(self, lines: Sequence[str]) -> bool:
         for start in range(0, len(lines), self.batch_lines):
             if not self._deliver(lines[start : start + self.batch_lines]):
-                # Earlier batches of this call landed; only the rest is spooled
-                # by the caller, resending landed lines is harmless anyway.
+                # The caller spools the whole call, earlier batches included:
+                # resending lines that landed is harmless.
                 return False
         return True
 

@@ -22,16 +22,14 @@ retried only every MQTT_AUTH_RETRY_S.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import math
-import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -632,19 +630,6 @@ def broker_address(settings: Any) -> tuple[str, int]:
 # --- Run: listen, --once, --discover ------------------------------------------------
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the event (the main thread then winds down)."""
-    stop = threading.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = [signal.signal(signum, lambda *_: stop.set()) for signum in signals]
-    try:
-        yield stop
-    finally:
-        for signum, handler in zip(signals, previous):
-            signal.signal(signum, handler)
-
-
 def _no_answer(link: BrokerLink, waited_s: float) -> str:
     if not link.connects:
         reason = link.client.connect_error or "no connection"
@@ -686,7 +671,7 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
     )
     # Installed before anything starts and kept until the last line is out: a
     # second SIGTERM or Ctrl-C cannot cut the final flush short.
-    with stop_on_signals() as stop:
+    with collector.stop_on_signals() as stop:
         batcher.start()
         link.start()
         collector.sd_notify("READY=1")
@@ -750,7 +735,7 @@ def discover(runtime: collector.Runtime, handler: MessageHandler) -> int:
             entry.outcome = outcome
 
     link = BrokerLink(settings, ["#"], on_message, client_suffix="-discover", persistent=False)
-    with stop_on_signals() as stop:
+    with collector.stop_on_signals() as stop:
         link.start()
         runtime.log.info(
             "listening to every topic on %s for %g s", link.describe(), settings.mqtt_discover_s
