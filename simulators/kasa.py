@@ -1,7 +1,7 @@
 """Simulated TP-Link Kasa devices speaking the legacy (XOR) protocol on loopback.
 
 Each :class:`SimulatedKasaDevice` is built from a real device dump (see
-``../shared/fixtures/kasa``) and answers the real python-kasa (0.7.7 and 0.12)
+``tests/fixtures/kasa``) and answers the real python-kasa (0.7.7 and 0.12)
 over the real wire protocol:
 
 - TCP: a 4-byte big-endian length, then the JSON request or answer encrypted
@@ -67,8 +67,8 @@ from typing import Any, Callable, Union
 
 _LOGGER = logging.getLogger(__name__)
 
-#: The shared test data, beside the project's root (not part of the product).
-FIXTURES_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kasa"
+#: The project's own device dumps (tests/fixtures/README.md says where they come from).
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kasa"
 
 #: The port real legacy Kasa devices use for TCP queries and UDP discovery.
 DEFAULT_PORT = 9999

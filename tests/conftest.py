@@ -108,8 +108,8 @@ def mosquitto_broker(start_server: Callable[[S], S], tmp_path: Path) -> Mosquitt
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The shared test data (device dumps, devices.json, Glow payloads), beside the repo."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    """The project's test data (device dumps, devices.json, Glow payloads, schema)."""
+    return Path(__file__).resolve().parent / "fixtures"
 
 
 # --- A collector script run as users run it: its own process and environment --------

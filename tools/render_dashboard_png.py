@@ -57,7 +57,7 @@ from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM63
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator, plug_dps  # noqa: E402
 from tools import build_dashboard  # noqa: E402
 
-FIXTURES_DIR = ROOT.parent / "shared" / "fixtures"
+FIXTURES_DIR = ROOT / "tests" / "fixtures"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "home-electricity.json"
 SCHEMAS = ROOT / "graphite" / "storage-schemas.conf"
 AGGREGATION = ROOT / "graphite" / "storage-aggregation.conf"
