@@ -5,7 +5,7 @@ A polling source (Kasa, Tuya, circuits) subclasses ``Collector`` with its
 own ``discover`` and ``poll``; ``main(MyCollector)`` does the rest. A push
 source (ESP32, MQTT) builds a ``Runtime`` and feeds a ``LineBatcher``.
 
-Exit status (DESIGN.md): 0 every metric delivered; 1 Carbon unreachable, the
+Exit status (docs/design.md): 0 every metric delivered; 1 Carbon unreachable, the
 metrics kept in the spool; 2 bad settings or flags; 3 no device answered.
 """
 
@@ -229,7 +229,7 @@ def watchdog_ping(status: str) -> bool:
 
 
 def build_parser(source: str, description: str) -> argparse.ArgumentParser:
-    """The flags every collector takes (DESIGN.md)."""
+    """The flags every collector takes (docs/design.md)."""
     parser = argparse.ArgumentParser(prog=f"{source}_to_graphite", description=description)
     parser.add_argument("--once", action="store_true", help="one cycle, then exit")
     parser.add_argument("--discover", action="store_true", help="list what is found, send nothing")

@@ -562,6 +562,9 @@ def start_sources(stack: contextlib.ExitStack, work: Path) -> list[Source]:
         except Unavailable as exc:
             say(f"  {name:8} skipped: {exc}")
             continue
+        except Exception as exc:  # one source that cannot start never takes down the others
+            say(f"  {name:8} skipped: it did not start: {exc.__class__.__name__}: {exc}")
+            continue
         if not (ROOT / source.script).is_file():
             say(f"  {name:8} skipped: {source.script} is not in this checkout")
             continue

@@ -293,7 +293,7 @@ class Profile:
 
 
 # Metering DIN breakers: DP 1 total kWh x100, DP 6/7/8 phase A/B/C as base64
-# (V x10, A x1000, W), DP 16 the breaker (DESIGN.md).
+# (V x10, A x1000, W), DP 16 the breaker (docs/design.md).
 METERING_BREAKER = Profile(
     "metering DIN breaker",
     METER,

@@ -63,7 +63,7 @@ def send_lines(address: tuple[str, int], lines: Iterable[str], timeout_s: float 
 
     Returns what the server sent before closing: b"" from carbon-cache and
     carbon-c-relay, which never answer. Their close only means the lines were
-    read, not stored (see DESIGN.md and tests/test_harness.py).
+    read, not stored (see docs/design.md and tests/test_harness.py).
     """
     with socket.create_connection(address, timeout=timeout_s) as sock:
         sock.sendall("".join(line + "\n" for line in lines).encode())

@@ -1,10 +1,11 @@
 """A real graphite-web on a loopback port, reading a CarbonServer's whisper files.
 
-graphite-web 1.1.10 runs in a child process under waitress (a production WSGI
+graphite-web runs in a child process under waitress (a production WSGI
 server), configured by a small local-settings module written to the work
 directory, so every instance has its own sqlite database and data directory.
 It is what the Grafana dashboard tests query to prove each panel target
-returns data.
+returns data. PyPI's graphite-web 1.1.10 serves from this Python where it
+installs (up to 3.11); elsewhere Debian's does, from the system Python.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from harness._process import ServerProcess
 from harness.carbon import CarbonServer
 
-__all__ = ["GraphiteWeb", "GraphiteWebNotFoundError"]
+__all__ = ["GraphiteWeb", "GraphiteWebNotFoundError", "find_graphite_web_python"]
 
 _SETTINGS_MODULE = "harness_graphite_local_settings"
 
@@ -32,16 +33,44 @@ class GraphiteWebNotFoundError(RuntimeError):
     """graphite-web (or waitress) is not importable in this Python."""
 
 
-def _check_installed() -> None:
-    missing = [
-        m for m in ("graphite.render", "django", "waitress") if importlib.util.find_spec(m) is None
-    ]
-    if missing:
-        raise GraphiteWebNotFoundError(
-            f"graphite-web needs {', '.join(missing)} in this Python: run "
-            "`pip install -r requirements-dev.txt` (graphite-web 1.1.10 installs on "
-            "Python <= 3.11 only)"
+_MODULES = ("graphite.render", "django", "waitress")
+
+# Debian's graphite-web (package graphite-web, with python3-waitress) for
+# Pythons that PyPI's graphite-web 1.1.10 does not install on (3.12+). It runs
+# as its own process, so the system Python serves it whatever the venv's is.
+_SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _missing_modules(python: str) -> list[str]:
+    """The graphite-web modules ``python`` cannot import."""
+    if python == sys.executable:
+        return [m for m in _MODULES if importlib.util.find_spec(m) is None]
+    probe = (
+        "import importlib.util as u, sys;"
+        "print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
+    )
+    try:
+        found = subprocess.run(
+            [python, "-c", probe, *_MODULES], capture_output=True, text=True, timeout=30
         )
+    except OSError:
+        return list(_MODULES)
+    return found.stdout.split() if found.returncode == 0 else list(_MODULES)
+
+
+def find_graphite_web_python() -> str:
+    """The Python that runs graphite-web: this one if it has graphite-web
+    (PyPI's, on Python <= 3.11), else the system's with Debian's."""
+    missing = _missing_modules(sys.executable)
+    if not missing:
+        return sys.executable
+    if os.path.exists(_SYSTEM_PYTHON) and not _missing_modules(_SYSTEM_PYTHON):
+        return _SYSTEM_PYTHON
+    raise GraphiteWebNotFoundError(
+        f"graphite-web needs {', '.join(missing)}: on Python <= 3.11 run "
+        "`pip install -r requirements-dev.txt` (graphite-web 1.1.10); on any Python "
+        "`apt-get install graphite-web python3-waitress` (Debian's graphite-web)"
+    )
 
 
 class GraphiteWeb(ServerProcess):
@@ -82,10 +111,10 @@ class GraphiteWeb(ServerProcess):
         return f"http://{self.host}:{self.port}"
 
     def _prepare(self) -> tuple[list[str], dict[str, str] | None]:
-        _check_installed()
+        python = find_graphite_web_python()
         env = self._write_settings()
         migrate = subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+            [python, "-m", "django", "migrate", "--noinput", "-v", "0"],
             env=env,
             cwd=str(self.work_dir),
             stdout=subprocess.PIPE,
@@ -97,7 +126,7 @@ class GraphiteWeb(ServerProcess):
                 f"graphite-web `django-admin migrate` failed:\n{migrate.stdout.decode()[-3000:]}"
             )
         command = [
-            sys.executable,
+            python,
             "-m",
             "waitress",
             f"--listen={self.host}:{self.port}",

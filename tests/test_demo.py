@@ -157,3 +157,25 @@ def test_without_carbon_the_demo_says_how_to_get_it(monkeypatch, tmp_path: Path,
     monkeypatch.setattr(demo.CarbonServer, "start", missing)
     assert demo.run(1, tmp_path) == 2
     assert "apt-get install graphite-carbon" in capsys.readouterr().err
+
+
+def test_a_source_that_cannot_start_is_skipped_with_one_line(
+    monkeypatch, tmp_path: Path, capsys
+) -> None:
+    def broken(stack, work):
+        raise FileNotFoundError("devices.json is missing")
+
+    def working(stack, work):
+        return demo.Source(
+            name="kasa", script="kasa_to_graphite.py", args=[], what="plugs", tick=lambda s: None
+        )
+
+    monkeypatch.setattr(demo, "SOURCES", [broken, working])
+    monkeypatch.setattr(demo, "SOURCE_NAMES", ["tuya", "kasa"])
+    with contextlib.ExitStack() as stack:
+        started = demo.start_sources(stack, tmp_path)
+    assert [source.name for source in started] == ["kasa"]
+    said = capsys.readouterr().err.splitlines()
+    assert [line for line in said if "tuya" in line] == [
+        "  tuya     skipped: it did not start: FileNotFoundError: devices.json is missing"
+    ]

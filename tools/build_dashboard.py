@@ -57,7 +57,7 @@ _DEVICE_ID = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
 class Queries:
     """The Graphite targets, for one METRIC_PREFIX and one home's settings.
 
-    Paths (DESIGN.md): ``<prefix>.<source>.<device>.<metric>``; the
+    Paths (docs/design.md): ``<prefix>.<source>.<device>.<metric>``; the
     whole-house meter ``<prefix>.meter.<metric>``; health
     ``<prefix>.health.<source>.<metric>``.
     """
