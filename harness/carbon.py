@@ -44,6 +44,7 @@ __all__ = [
     "CarbonServer",
     "ServerStartError",
     "find_carbon_cache",
+    "find_carbon_python",
     "free_port",
     "send_lines",
 ]
@@ -95,6 +96,20 @@ def find_carbon_cache() -> list[str]:
         "`pip install -r requirements-dev.txt` (installs carbon 1.1.10), "
         "on any Python `apt-get install graphite-carbon` (Debian's carbon-cache)"
     )
+
+
+def find_carbon_python() -> str:
+    """The Python interpreter that runs carbon-cache (and can import ``carbon``):
+    this one with PyPI's carbon, else the one named by the script's ``#!`` line
+    (the system Python for Debian's)."""
+    command = find_carbon_cache()
+    if len(command) > 1:
+        return command[0]
+    with open(command[0], "rb") as script:
+        first = script.readline().decode(errors="replace")
+    if not first.startswith("#!"):
+        raise CarbonNotFoundError(f"{command[0]} names no interpreter on its #! line")
+    return first[2:].split()[0]
 
 
 class CarbonServer(ServerProcess):

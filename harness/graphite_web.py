@@ -24,7 +24,12 @@ from typing import Any
 from harness._process import ServerProcess
 from harness.carbon import CarbonServer
 
-__all__ = ["GraphiteWeb", "GraphiteWebNotFoundError", "find_graphite_web_python"]
+__all__ = [
+    "GraphiteWeb",
+    "GraphiteWebNotFoundError",
+    "find_graphite_web_python",
+    "graphite_module_file",
+]
 
 _SETTINGS_MODULE = "harness_graphite_local_settings"
 
@@ -71,6 +76,20 @@ def find_graphite_web_python() -> str:
         "`pip install -r requirements-dev.txt` (graphite-web 1.1.10); on any Python "
         "`apt-get install graphite-web python3-waitress` (Debian's graphite-web)"
     )
+
+
+def graphite_module_file(module: str) -> Path:
+    """The source file of one of graphite-web's modules, in whichever Python
+    serves it (for reading what that graphite-web offers)."""
+    probe = "import importlib.util, sys; print(importlib.util.find_spec(sys.argv[1]).origin)"
+    found = subprocess.run(
+        [find_graphite_web_python(), "-c", probe, module],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return Path(found.stdout.strip())
 
 
 class GraphiteWeb(ServerProcess):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from hypothesis import strategies as st
 
 from graphite_helper import CarbonClient, format_line
 from harness.carbon import CarbonNotFoundError
-from harness.graphite_web import GraphiteWeb, GraphiteWebNotFoundError
+from harness.graphite_web import GraphiteWeb, GraphiteWebNotFoundError, graphite_module_file
 from harness.mosquitto import MosquittoNotFoundError
 from settings import ConfigError, load_settings
 from tools import build_dashboard
@@ -346,9 +345,7 @@ def test_the_collectors_ran_as_users_run_them(filled: Filled) -> None:
 def graphite_functions() -> set[str]:
     """Names of the render functions of the installed graphite-web (its
     /functions page breaks on Python 3.11, so read its SeriesFunctions table)."""
-    spec = importlib.util.find_spec("graphite.render.functions")
-    assert spec is not None and spec.origin
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    tree = ast.parse(graphite_module_file("graphite.render.functions").read_text("utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SeriesFunctions":
             return {key.value for key in node.value.keys}
