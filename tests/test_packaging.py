@@ -77,3 +77,23 @@ def test_comments_point_at_design_notes_inside_the_repository() -> None:
         text=True,
     ).stdout
     assert found == ""
+
+
+def test_every_test_data_file_is_in_the_repository() -> None:
+    """A file ignored by git (devices.json is, for users' own) would pass here
+    and be missing from every clone."""
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files", "tests/fixtures"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    )
+    present = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests" / "fixtures").rglob("*")
+        if path.is_file()
+    }
+    assert present - tracked == set()
