@@ -218,21 +218,30 @@ def _check(name: str, value: Any, default: Any, origin: str) -> Any:
     return value
 
 
+def usable_name(name: Any) -> str:
+    """``name`` as a metric segment (graphite_helper.format_device_name), or
+    "" when it is not text or nothing of it is usable (an emoji, a dot)."""
+    from graphite_helper import format_device_name
+
+    if not isinstance(name, str):
+        return ""
+    segment = format_device_name(name, fallback="x")
+    return segment if segment == format_device_name(name, fallback="y") else ""
+
+
 def check_device_names(names: Mapping[str, Any], origin: str = "config.py") -> None:
     """DEVICE_NAMES: every name usable, and no two devices given one series.
 
     Raises ConfigError naming both ids when two names clean to one segment.
     """
-    from graphite_helper import format_device_name
-
     owners: dict[str, str] = {}
     for device_id, name in names.items():
-        if not isinstance(name, str) or not format_device_name(name):
+        segment = usable_name(name)
+        if not segment:
             raise ConfigError(
                 f"DEVICE_NAMES: {device_id!r} must be named with letters or digits,"
                 f" got {describe('DEVICE_NAMES', name)} (from {origin})"
             )
-        segment = format_device_name(name)
         other = owners.setdefault(segment, device_id)
         if other.lower() != device_id.lower():
             raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from graphite_helper import format_device_name
-from settings import ConfigError, check_device_names, one_line
+from settings import ConfigError, check_device_names, one_line, usable_name
 
 log = logging.getLogger("state")
 
@@ -105,7 +105,7 @@ class NameMap:
         corrected = False
         for raw_key, raw_name in stored.items():
             key = raw_key.lower()
-            name = format_device_name(raw_name) if isinstance(raw_name, str) else ""
+            name = usable_name(raw_name)
             if not name or key in self._names:
                 why = (
                     "a second entry for that device"
