@@ -259,11 +259,12 @@ def build_parser(source: str, description: str) -> argparse.ArgumentParser:
 def common_overrides(args: argparse.Namespace, interval_setting: str) -> dict[str, Any]:
     """Settings given by the common flags."""
     overrides: dict[str, Any] = {}
-    if args.carbon:
+    # "is not None": an empty flag is refused by the checks, not taken as absent.
+    if args.carbon is not None:
         overrides["CARBON_DESTINATIONS"] = [args.carbon]
     if args.interval is not None:
         overrides[interval_setting.upper()] = float(args.interval)
-    if args.state_dir:
+    if args.state_dir is not None:
         overrides["STATE_DIR"] = args.state_dir
     if args.verbose:
         overrides["LOG_LEVEL"] = "DEBUG"

@@ -322,6 +322,16 @@ def test_bad_settings_stop_a_collector_with_one_line(tmp_path, source, config, e
     assert not (tmp_path / "state").exists()  # stopped before writing anything
 
 
+@pytest.mark.parametrize(
+    "flag, named", [("--state-dir", "STATE_DIR"), ("--carbon", "CARBON_DESTINATIONS")]
+)
+def test_empty_flag_is_refused_not_ignored(tmp_path, flag, named):
+    result = run_collector(
+        "kasa_to_graphite.py", ["--once", flag, ""], collector_environment(tmp_path)
+    )
+    assert_config_exit(result, "kasa", named)
+
+
 def _read_only(directory: Path, command: list[str]) -> list[str]:
     """``command`` seeing ``directory`` read-only: a read-only bind mount in a
     private mount namespace when we are root (root writes through chmod),
