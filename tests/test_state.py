@@ -197,3 +197,13 @@ def test_prepare_state_dir_refuses_what_cannot_be_written(tmp_path, kind, monkey
 def test_prepare_state_dir_leaves_nothing_behind(tmp_path):
     prepare_state_dir(tmp_path / "state" / "kasa")
     assert list((tmp_path / "state" / "kasa").iterdir()) == []
+
+
+def test_ids_with_nothing_usable_still_get_distinct_names(tmp_path):
+    # MQTT topics tele/кухня, tele/спальня, tele/台所: no ASCII to name them by.
+    path = tmp_path / "names.json"
+    names = NameMap(path)
+    given = [names.name_for(topic, topic) for topic in ("кухня", "спальня", "台所")]
+    assert len(set(given)) == 3
+    again = NameMap(path)
+    assert [again.name_for(topic, topic) for topic in ("кухня", "спальня", "台所")] == given
