@@ -53,8 +53,8 @@ def prepare_state_dir(path: Path) -> None:
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
-        # os.access says yes to root on a read-only mount's chmod'ed dirs and
-        # no to nothing else useful: only writing a file tells.
+        # os.access proves little (root passes any chmod; a full inode table
+        # is not a permission): only writing a file tells.
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
