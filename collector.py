@@ -35,7 +35,7 @@ from graphite_helper import (
     metric_path,
 )
 from settings import SECRET_SETTINGS, ConfigError, load_settings, parse_host_port
-from state import NameMap, StateLock
+from state import NameMap, StateLock, prepare_state_dir, state_dir_error
 
 EXIT_OK = 0
 EXIT_UNDELIVERED = 1
@@ -259,11 +259,12 @@ def build_parser(source: str, description: str) -> argparse.ArgumentParser:
 def common_overrides(args: argparse.Namespace, interval_setting: str) -> dict[str, Any]:
     """Settings given by the common flags."""
     overrides: dict[str, Any] = {}
-    if args.carbon:
+    # "is not None": an empty flag is refused by the checks, not taken as absent.
+    if args.carbon is not None:
         overrides["CARBON_DESTINATIONS"] = [args.carbon]
     if args.interval is not None:
         overrides[interval_setting.upper()] = float(args.interval)
-    if args.state_dir:
+    if args.state_dir is not None:
         overrides["STATE_DIR"] = args.state_dir
     if args.verbose:
         overrides["LOG_LEVEL"] = "DEBUG"
@@ -384,7 +385,7 @@ class Runtime:
             self.names = NameMap(None, settings.device_names)
             self.sink: Any = DryRunSink()
         else:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            prepare_state_dir(self.state_dir)  # ConfigError: read-only, a file, ...
             self.names = NameMap(self.state_dir / "names.json", settings.device_names)
             self.sink = CarbonClient(
                 carbon_destinations(settings),
@@ -399,7 +400,11 @@ class Runtime:
         if self.dry_run:
             return
         self._lock = StateLock(self.state_dir / "lock")
-        if not self._lock.acquire():
+        try:
+            acquired = self._lock.acquire()
+        except OSError as exc:
+            raise state_dir_error(self.state_dir, exc) from None
+        if not acquired:
             raise ConfigError(
                 f"STATE_DIR: another {self.source} collector is running with {self.state_dir}"
             )
@@ -487,7 +492,10 @@ def open_runtime(source: str, args: argparse.Namespace, overrides: dict[str, Any
     settings = load_settings(local_path=args.config, overrides=overrides)
     setup_logging(settings.log_level)
     protect_secrets(configured_secrets(settings))
-    return Runtime(source, settings, dry_run=args.dry_run)
+    try:
+        return Runtime(source, settings, dry_run=args.dry_run)
+    except OSError as exc:  # the spool or names in a state dir that went wrong
+        raise state_dir_error(Path(settings.state_dir) / source, exc) from None
 
 
 # --- Polling sources ----------------------------------------------------------

@@ -14,7 +14,9 @@ Any setting can also come from an environment variable of the same name
 config_local.py. Secrets (passwords, keys, tokens) belong in config_local.py
 or the environment, never in this file. ``settings.py`` loads and checks all
 of this; a bad value stops a collector before it polls anything, with one line
-naming the setting.
+naming the setting: each setting's type is its default's, every number has a
+range (``settings.RANGES``), text with a default here must not be empty, and
+a name that is not a setting (lower case, misspelt) is refused.
 """
 
 # --- Carbon -----------------------------------------------------------------
@@ -57,7 +59,8 @@ REDISCOVER_INTERVAL_S = 600.0
 # others' lines do not wait for it.
 DEVICE_TIMEOUT_S = 10.0
 # Stable device id (Kasa MAC, Tuya id, ESP32 id, Modbus host+unit) -> name.
-# Wins over the name the device reports and over the remembered one.
+# Wins over the name the device reports and over the remembered one. Two ids
+# given one name would share one series: refused.
 DEVICE_NAMES: dict = {}
 LOG_LEVEL = "INFO"
 

@@ -7,13 +7,14 @@ variable) is caught before any polling, with one line naming the setting.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import runpy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import config
@@ -32,10 +33,6 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names it and says why."""
 
 
-def _positive(value: float) -> bool:
-    return value > 0 and math.isfinite(value)
-
-
 def _port(value: int) -> bool:
     return 1 <= value <= 65535
 
@@ -46,25 +43,92 @@ def _prefix(value: str) -> bool:
     return is_valid_path(value)
 
 
-def _host_port_list(value: list) -> bool:
+def _host_port(default_port: int) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        try:
+            return isinstance(value, str) and bool(parse_host_port(value, default_port))
+        except ConfigError:
+            return False
+
+    return check
+
+
+def _host_port_list(default_port: int) -> Callable[[list], bool]:
+    return lambda value: all(map(_host_port(default_port), value))
+
+
+def _host(value: str) -> bool:
+    return bool(value) and not any(char.isspace() for char in value)
+
+
+def _strings(value: list) -> bool:
     return all(isinstance(item, str) and item.strip() for item in value)
 
 
-# Extra checks beyond the type, by setting name (suffixes catch families).
+DAY_S = 86_400.0
+# (min, max) of every numeric setting, in its unit. Below the minimum an
+# interval makes a busy loop (1e-9 s logged thousands of lines a second);
+# above the maximum a timer overflows or a collector never wakes (1e300 s).
+RANGES: dict[str, tuple[float, float]] = {
+    "CARBON_PORT": (1, 65535),
+    "CARBON_TIMEOUT_S": (0.1, 600.0),
+    "CARBON_RESEND_WINDOW_S": (1.0, DAY_S),
+    "SPOOL_MAX_LINES": (1000, 100_000_000),
+    "PLUG_INTERVAL_S": (0.1, DAY_S),
+    "METER_INTERVAL_S": (0.1, DAY_S),
+    "CIRCUIT_INTERVAL_S": (0.1, DAY_S),
+    "REDISCOVER_INTERVAL_S": (1.0, 7 * DAY_S),
+    "DEVICE_TIMEOUT_S": (0.1, 600.0),
+    "KASA_DISCOVERY_TIMEOUT_S": (0.1, 600.0),
+    "TUYA_TIMEOUT_S": (0.1, 600.0),
+    "TUYA_BUSY_BACKOFF_S": (1.0, DAY_S),
+    "TUYA_STALE_POLLS": (1, 1_000_000),
+    "TUYA_ANNOUNCE_LISTEN_S": (0.1, 600.0),
+    "ESP32_PORT": (1, 65535),
+    "ESP32_MAX_BODY_BYTES": (1024, 64 * 1024 * 1024),
+    "ESP32_MAX_CLOCK_SKEW_S": (1.0, DAY_S),
+    "ESP32_MAX_READING_AGE_S": (60.0, 366 * DAY_S),
+    "ESP32_IDLE_TIMEOUT_S": (1.0, DAY_S),
+    "ESP32_MAX_POWER_WATTS": (1.0, 10_000_000.0),
+    "ESP32_STALE_S": (1.0, 366 * DAY_S),
+    "ESP32_MAX_DEVICES": (1, 100_000),
+    # MQTT's keep-alive is a 16-bit number of seconds.
+    "MQTT_KEEPALIVE_S": (5, 65535),
+    "MQTT_RECONNECT_MIN_S": (0.1, 3600.0),
+    "MQTT_RECONNECT_MAX_S": (0.1, DAY_S),
+    "MQTT_AUTH_RETRY_S": (1.0, 7 * DAY_S),
+    "MQTT_FLUSH_INTERVAL_S": (0.1, 3600.0),
+    "MQTT_FLUSH_LINES": (1, 10_000_000),
+    "MQTT_HEALTH_INTERVAL_S": (0.1, DAY_S),
+    "MQTT_STALE_S": (1.0, 366 * DAY_S),
+    "MQTT_ONCE_TIMEOUT_S": (0.1, DAY_S),
+    "MQTT_DISCOVER_S": (0.1, DAY_S),
+    "CIRCUIT_MODBUS_TIMEOUT_S": (0.01, 600.0),
+    "DASHBOARD_UNIT_RATE": (0.0, 1_000_000.0),
+    "DASHBOARD_STANDING_CHARGE": (0.0, 1_000_000.0),
+    "DASHBOARD_ALERT_HIGH_POWER_WATTS": (1.0, 10_000_000.0),
+    "DASHBOARD_ALERT_HIGH_POWER_S": (1.0, 7 * DAY_S),
+    "DASHBOARD_ALERT_SILENT_S": (1.0, 7 * DAY_S),
+}
+# A numeric setting missing above: seconds, or any other count or amount.
+FALLBACK_RANGES: dict[str, tuple[float, float]] = {"_S": (0.001, 366 * DAY_S), "": (0, 1e12)}
+
+# Extra checks beyond the type and range, by setting name.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "CARBON_PORT": (_port, "must be a TCP port, 1 to 65535"),
-    "ESP32_PORT": (_port, "must be a TCP port, 1 to 65535"),
+    "CARBON_HOST": (_host, "must be a host name or address"),
     "METRIC_PREFIX": (_prefix, "must be dotted segments of [a-z0-9_]"),
-    "SPOOL_MAX_LINES": (lambda v: v >= 1000, "must be at least 1000"),
-    "CARBON_DESTINATIONS": (_host_port_list, "must be a list of 'host:port' strings"),
-    "KASA_HOSTS": (_host_port_list, "must be a list of 'host' or 'host:port' strings"),
+    "MQTT_GAS_PREFIX": (_prefix, "must be dotted segments of [a-z0-9_]"),
+    "CARBON_DESTINATIONS": (_host_port_list(2003), "must be a list of 'host:port' strings"),
+    "KASA_HOSTS": (_host_port_list(9999), "must be a list of 'host' or 'host:port' strings"),
+    "MQTT_BROKER": (_host_port(1883), "must be 'host' or 'host:port'"),
+    "TUYA_EXCLUDE": (_strings, "must be a list of device ids or names"),
+    "MQTT_PRESETS": (_strings, "must be a list of preset names"),
+    "DASHBOARD_NESTED_DEVICES": (_strings, "must be a list of '<source>.<device>' names"),
+    "DASHBOARD_HOUSE_METER": (lambda v: v in {"esp32", "glow"}, "must be 'esp32' or 'glow'"),
     "LOG_LEVEL": (
         lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
         "must be DEBUG, INFO, WARNING or ERROR",
     ),
-}
-SUFFIX_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "_S": (_positive, "must be a positive number of seconds"),
 }
 
 
@@ -74,10 +138,17 @@ def defaults() -> dict[str, Any]:
 
 
 def describe(name: str, value: Any) -> str:
-    """A setting's value for messages: secrets are masked."""
+    """A setting's value for messages: secrets are masked, long values cut."""
     if name in SECRET_SETTINGS:
         return "<hidden>" if value else "<empty>"
-    return repr(value)
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut to ``limit`` characters (for a message)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _from_env(name: str, raw: str, default: Any) -> Any:
@@ -101,13 +172,20 @@ def _from_env(name: str, raw: str, default: Any) -> Any:
             return [item.strip() for item in stripped.split(",") if item.strip()]
         if isinstance(default, dict):
             return json.loads(raw)
-    except ValueError as exc:
-        shown = "<hidden>" if name in SECRET_SETTINGS else repr(raw)
+    except (ValueError, RecursionError) as exc:
+        shown = "<hidden>" if name in SECRET_SETTINGS else one_line(repr(raw), 80)
         raise ConfigError(
             f"{name}: cannot read {shown} from the environment as "
             f"{type(default).__name__} ({exc.__class__.__name__})"
         ) from None
     return raw
+
+
+def value_range(name: str) -> tuple[float, float]:
+    """The (min, max) a numeric setting must lie in."""
+    if name in RANGES:
+        return RANGES[name]
+    return next(limits for suffix, limits in FALLBACK_RANGES.items() if name.endswith(suffix))
 
 
 def _check(name: str, value: Any, default: Any, origin: str) -> Any:
@@ -119,17 +197,100 @@ def _check(name: str, value: Any, default: Any, origin: str) -> Any:
             f"{name}: must be {expected.__name__}, got {type(value).__name__} "
             f"{describe(name, value)} (from {origin})"
         )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = value_range(name)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(
+                f"{name}: must be from {low:g} to {high:g}, got {describe(name, value)}"
+                f" (from {origin})"
+            )
+    # A text setting with a default must have a value ("" would mean the
+    # current directory, no host, ...); an empty default means "optional".
+    if isinstance(value, str) and default.strip() and not value.strip():
+        raise ConfigError(f"{name}: must not be empty (from {origin})")
+    if isinstance(value, dict) and not all(isinstance(key, str) for key in value):
+        raise ConfigError(f"{name}: keys must be strings (from {origin})")
     check = CHECKS.get(name)
-    if check is None:
-        check = next(
-            (c for suffix, c in SUFFIX_CHECKS.items() if name.endswith(suffix)),
-            None,
-        )
-    if check is not None and isinstance(value, (int, float, str, list)):
+    if check is not None:
         predicate, reason = check
         if not predicate(value):
             raise ConfigError(f"{name}: {reason}, got {describe(name, value)} (from {origin})")
     return value
+
+
+def usable_name(name: Any) -> str:
+    """``name`` as a metric segment (graphite_helper.format_device_name), or
+    "" when it is not text or nothing of it is usable (an emoji, a dot)."""
+    from graphite_helper import format_device_name
+
+    if not isinstance(name, str):
+        return ""
+    segment = format_device_name(name, fallback="x")
+    return segment if segment == format_device_name(name, fallback="y") else ""
+
+
+def check_device_names(names: Mapping[str, Any], origin: str = "config.py") -> None:
+    """DEVICE_NAMES: every name usable, and no two devices given one series.
+
+    Raises ConfigError naming both ids when two names clean to one segment.
+    """
+    owners: dict[str, str] = {}
+    for device_id, name in names.items():
+        segment = usable_name(name)
+        if not segment:
+            raise ConfigError(
+                f"DEVICE_NAMES: {device_id!r} must be named with letters or digits,"
+                f" got {describe('DEVICE_NAMES', name)} (from {origin})"
+            )
+        other = owners.setdefault(segment, device_id)
+        if other.lower() != device_id.lower():
+            raise ConfigError(
+                f"DEVICE_NAMES: {other!r} and {device_id!r} are both named {segment!r};"
+                f" their readings would be written into one series (from {origin})"
+            )
+
+
+def _cross_check(values: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """Checks between settings."""
+    check_device_names(values["DEVICE_NAMES"], origins["DEVICE_NAMES"])
+    if values["MQTT_RECONNECT_MIN_S"] > values["MQTT_RECONNECT_MAX_S"]:
+        raise ConfigError(
+            f"MQTT_RECONNECT_MIN_S: must not exceed MQTT_RECONNECT_MAX_S"
+            f" ({values['MQTT_RECONNECT_MIN_S']:g} > {values['MQTT_RECONNECT_MAX_S']:g})"
+        )
+
+
+def _run_local_file(path: Path) -> dict[str, Any]:
+    """The names config_local.py defines. Anything it raises (a syntax error,
+    sys.exit(), a failed import) is a ConfigError, never a traceback."""
+    try:
+        return runpy.run_path(str(path))
+    except BaseException as exc:  # SystemExit too: the file is the user's
+        reason = exc.__class__.__name__
+        detail = one_line(str(exc)) if not isinstance(exc, SystemExit) else f"code {exc.code!r}"
+        raise ConfigError(f"{LOCAL_CONFIG_ENV}: cannot load {path}: {reason}: {detail}") from None
+
+
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name.upper(), list(known), n=1, cutoff=0.8)
+    return matches[0] if matches else None
+
+
+def _local_settings(path: Path, known: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings config_local.py assigns; a name that is not one (a typo,
+    lower case) is refused rather than silently ignored."""
+    found: dict[str, Any] = {}
+    for name, value in _run_local_file(path).items():
+        if name.startswith("_") or isinstance(value, (type, ModuleType)) or callable(value):
+            continue  # imports, helpers and the module's own dunders
+        if name in known:
+            found[name] = value
+            continue
+        guess = _closest(name, known)
+        if name.isupper() or guess is not None:
+            hint = f"; did you mean {guess}?" if guess else " (see config.py for the names)"
+            raise ConfigError(f"{name}: unknown setting in {path}{hint}")
+    return found
 
 
 def load_settings(
@@ -150,19 +311,8 @@ def load_settings(
         local_path = env.get(LOCAL_CONFIG_ENV) or LOCAL_CONFIG_DEFAULT
     local_path = Path(local_path).expanduser()
     if local_path.exists():
-        try:
-            local = runpy.run_path(str(local_path))
-        except Exception as exc:  # a syntax error in the user's file, say
-            raise ConfigError(
-                f"{LOCAL_CONFIG_ENV}: cannot load {local_path}: {exc.__class__.__name__}: {exc}"
-            ) from None
-        for name, value in local.items():
-            if name.isupper():
-                if name not in base:
-                    raise ConfigError(
-                        f"{name}: unknown setting in {local_path} (see config.py for the names)"
-                    )
-                values[name], origins[name] = value, str(local_path)
+        for name, value in _local_settings(local_path, base).items():
+            values[name], origins[name] = value, str(local_path)
     elif env.get(LOCAL_CONFIG_ENV):
         raise ConfigError(f"{LOCAL_CONFIG_ENV}: {local_path} does not exist")
 
@@ -178,6 +328,7 @@ def load_settings(
 
     for name, default in base.items():
         values[name] = _check(name, values[name], default, origins[name])
+    _cross_check(values, origins)
     values["STATE_DIR"] = str(Path(values["STATE_DIR"]).expanduser())
     return SimpleNamespace(**{name.lower(): value for name, value in values.items()})
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from graphite_helper import format_device_name
+from settings import ConfigError, check_device_names, one_line, usable_name
 
 log = logging.getLogger("state")
 
@@ -44,24 +45,102 @@ def read_json(path: Path, default: Any) -> Any:
         return default
 
 
+def prepare_state_dir(path: Path) -> None:
+    """Make ``path`` and check that files can be written in it.
+
+    Raises ConfigError (a read-only disk, a file where the directory should
+    be, no permission) so a collector stops with one line, not a traceback.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # os.access proves little (root passes any chmod; a full inode table
+        # is not a permission): only writing a file tells.
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise state_dir_error(path, exc) from None
+
+
+def state_dir_error(path: Path, exc: OSError) -> ConfigError:
+    """The one-line error for a state directory that cannot be used."""
+    reason = exc.strerror or exc.__class__.__name__
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        reason = "a file is in the way of the directory"
+    return ConfigError(f"STATE_DIR: cannot write in {path}: {reason}")
+
+
 class NameMap:
     """Stable device id -> metric segment, so a rename in a phone app does not
     split a device's history.
 
     The name configured in DEVICE_NAMES wins; otherwise the first name seen
     for an id is kept. Two devices never share a segment: the second gets
-    its id appended.
+    its id appended. Names read back from ``path`` (which people edit by
+    hand) are cleaned like the names devices report; an entry that cannot be
+    used is said once and corrected in the file.
     """
 
     def __init__(self, path: Path | None, overrides: Mapping[str, str] | None = None) -> None:
         self.path = path  # None: keep in memory only (dry runs)
+        overrides = dict(overrides or {})
+        check_device_names(overrides)
         self.overrides = {
             str(key).lower(): format_device_name(value, fallback=str(key))
-            for key, value in (overrides or {}).items()
+            for key, value in overrides.items()
         }
+        self._names: dict[str, str] = {}
         stored = read_json(path, {}) if path else {}
-        self._names: dict[str, str] = stored if isinstance(stored, dict) else {}
+        if self._load(stored):
+            self._save()
         self._yield_to_overrides()
+
+    def _load(self, stored: Any) -> bool:
+        """Take the usable entries of names.json; True if any was corrected."""
+        if not isinstance(stored, dict):
+            log.warning(
+                "%s: not a JSON object of device id -> name; devices are named afresh", self.path
+            )
+            return False
+        corrected = False
+        for raw_key, raw_name in stored.items():
+            key = raw_key.lower()
+            name = usable_name(raw_name)
+            if not name or key in self._names:
+                why = (
+                    "a second entry for that device"
+                    if name
+                    else f"{one_line(repr(raw_name), 60)} is not a name"
+                )
+                log.warning("%s: entry %r: %s; entry ignored", self.path, raw_key, why)
+                corrected = True
+                continue
+            unique = self._unique(name, key)
+            if unique != raw_name:
+                log.warning(
+                    "%s: entry %r: %r is not a usable metric name%s; using %r",
+                    self.path,
+                    raw_key,
+                    raw_name,
+                    " (another device has it)" if unique != name else "",
+                    unique,
+                )
+                corrected = True
+            self._names[key] = unique
+        return corrected
+
+    def _unique(self, name: str, key: str) -> str:
+        """``name``, or ``name`` with ``key`` appended (then a number) if
+        another device has it."""
+        taken = {n for k, n in self._names.items() if k != key}
+        taken.update(n for k, n in self.overrides.items() if k != key)
+        candidate = name
+        number = 1
+        while candidate in taken:
+            suffix = key if number == 1 else f"{key}_{number}"
+            candidate = format_device_name(f"{name}_{suffix}")
+            number += 1
+        return candidate
 
     def _yield_to_overrides(self) -> None:
         """A name the user gives one device in DEVICE_NAMES is taken from any
@@ -70,7 +149,7 @@ class NameMap:
         for key, name in list(self._names.items()):
             owner = claimed.get(name)
             if owner is not None and owner != key:
-                renamed = format_device_name(f"{name}_{key}")
+                renamed = self._unique(name, key)
                 log.warning(
                     "device %s was named %r, which DEVICE_NAMES gives %s: now %r",
                     key,
@@ -84,7 +163,12 @@ class NameMap:
     def pin(self, stable_id: str, name: str) -> None:
         """Name ``stable_id`` as configured elsewhere (e.g. a circuit's own
         name), unless DEVICE_NAMES already names it."""
-        self.overrides.setdefault(stable_id.lower(), format_device_name(name, fallback=stable_id))
+        key = stable_id.lower()
+        if key not in self.overrides:
+            wanted = format_device_name(name, fallback=stable_id)
+            self.overrides[key] = unique = self._unique(wanted, key)
+            if unique != wanted:
+                log.warning("%s: %r is another device's name: now %r", stable_id, wanted, unique)
         self._yield_to_overrides()
 
     def name_for(self, stable_id: str, reported_name: str = "") -> str:
@@ -96,10 +180,7 @@ class NameMap:
         known = self._names.get(key)
         if known:
             return known
-        name = format_device_name(reported_name, fallback=stable_id)
-        taken = set(self._names.values()) | set(self.overrides.values())
-        if name in taken:
-            name = format_device_name(f"{name}_{stable_id}")
+        name = self._unique(format_device_name(reported_name, fallback=stable_id), key)
         self._names[key] = name
         log.info("device %s is named %r", stable_id, name)
         self._save()

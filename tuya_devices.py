@@ -160,6 +160,32 @@ def normalize_version(value: Any) -> str:
     return text
 
 
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _checked_mapping(mapping: Any) -> dict[str, Any]:
+    """The wizard's DP mapping, every type checked: one wrong type (a list
+    where a code should be) is this entry's problem, not every device's."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise ValueError(f"mapping is {_type_name(mapping)}, not an object")
+    for dp, spec in mapping.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"mapping DP {dp}: is {_type_name(spec)}, not an object")
+        for field_name in ("code", "type"):
+            value = spec.get(field_name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"mapping DP {dp}: {field_name} is {_type_name(value)}, not text")
+        values = spec.get("values")
+        if values is not None and not isinstance(values, (dict, str)):
+            raise ValueError(f"mapping DP {dp}: values is {_type_name(values)}")
+    return mapping
+
+
 def parse_entry(raw: Any) -> DeviceEntry:
     """One devices.json entry. Raises ValueError (never naming the key)."""
     if not isinstance(raw, dict):
@@ -167,9 +193,12 @@ def parse_entry(raw: Any) -> DeviceEntry:
     dev_id = raw.get("id")
     if not isinstance(dev_id, str) or not dev_id.strip():
         raise ValueError("no device id")
-    key = raw.get("key")
-    if not isinstance(key, str):
-        key = ""
+    # A wrong type is said (the value never: it may be the key), not guessed at.
+    for field_name in ("key", "name", "ip", "category", "product_id", "product_name", "node_id"):
+        value = raw.get(field_name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{field_name} is {_type_name(value)}, not text")
+    key = raw.get("key") or ""
     name = raw.get("name")
     name = name.strip() if isinstance(name, str) and name.strip() else dev_id
     port = raw.get("port") or DEFAULT_PORT
@@ -177,24 +206,22 @@ def parse_entry(raw: Any) -> DeviceEntry:
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port {port!r} is not a TCP port")
-    mapping = raw.get("mapping")
-    ip = raw.get("ip")
+    mapping = _checked_mapping(raw.get("mapping"))
 
     def text(field_name: str) -> str:
-        value = raw.get(field_name)
-        return value.strip() if isinstance(value, str) else ""
+        return (raw.get(field_name) or "").strip()
 
     return DeviceEntry(
         id=dev_id.strip(),
         name=name,
         key=key,
-        ip=ip.strip() if isinstance(ip, str) else "",
+        ip=text("ip"),
         port=port,
         version=normalize_version(raw.get("version")),
         category=text("category"),
         product_id=text("product_id"),
         product_name=text("product_name"),
-        mapping=mapping if isinstance(mapping, dict) else {},
+        mapping=mapping,
         node_id=text("node_id"),
     )
 

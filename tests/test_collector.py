@@ -7,6 +7,7 @@ sources are exercised end to end in their own test files.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -237,3 +238,18 @@ def test_configured_secrets_never_reach_the_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "kasa-pass-1234" not in err and "token-abcdefgh-12345678" not in err
     assert err.count("<key>") == 2
+
+
+@pytest.mark.parametrize("edited, segment", [("Living room", "living_room"), (7, "dev_a")])
+def test_hand_edited_names_json_never_costs_a_device_its_data(tmp_path, edited, segment):
+    # README's troubleshooting says to edit names.json; a space, a dot or a
+    # number there must not silently drop the device or crash every cycle.
+    names = tmp_path / "state" / "fake" / "names.json"
+    names.parent.mkdir(parents=True)
+    names.write_text(json.dumps({"a": edited}))
+    runtime = make_runtime(tmp_path)
+    for timestamp in (1_700_000_000, 1_700_000_030):
+        assert run_cycle(runtime, {"a": (0, {"power_watts": 5})}, timestamp)[:2] == (1, 0)
+    lines = runtime.sink.lines
+    assert f"home.electricity.fake.{segment}.power_watts 5 1700000030\n" in lines
+    assert "home.electricity.health.fake.values_rejected 0 1700000030\n" in lines

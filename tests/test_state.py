@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from state import EnergyIntegrator, NameMap, StateLock, atomic_write_json
+from settings import ConfigError
+from state import EnergyIntegrator, NameMap, StateLock, atomic_write_json, prepare_state_dir
 
 
 def test_first_name_is_kept_after_a_rename(tmp_path):
@@ -88,3 +89,121 @@ def test_override_takes_a_name_from_the_device_that_had_it(tmp_path):
     names = NameMap(path, {"id-2": "meter"})
     assert names.name_for("id-2", "x") == "meter"
     assert names.name_for("id-1", "Meter") == "meter_id_1"
+
+
+# --- names.json edited by hand ---------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [5, ["kitchen"], None, {"name": "x"}, "💡", ""])
+def test_unusable_entry_is_ignored_once_and_the_device_named_afresh(tmp_path, caplog, bad):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"id-1": bad, "id-2": "lamp"}))
+    names = NameMap(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "'id-1'" in warnings[0]
+    assert names.name_for("id-1", "Kettle") == "kettle"
+    assert names.name_for("id-2", "Lamp 2") == "lamp"
+    # The file now holds usable names only: the next start says nothing.
+    assert json.loads(path.read_text()) == {"id-1": "kettle", "id-2": "lamp"}
+    caplog.clear()
+    NameMap(path)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    "edited, used",
+    [("Living room", "living_room"), ("kitchen.left", "kitchenleft"), ("Hall/Lamp", "halllamp")],
+)
+def test_hand_edited_name_is_cleaned_like_a_reported_one(tmp_path, caplog, edited, used):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"50:c7:bf:00:00:01": edited}))
+    names = NameMap(path)
+    assert names.name_for("50:C7:BF:00:00:01", "Plug") == used
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'50:c7:bf:00:00:01'" in warnings[0] and repr(used) in warnings[0]
+    assert json.loads(path.read_text()) == {"50:c7:bf:00:00:01": used}
+
+
+def test_names_json_that_is_not_an_object_is_said(tmp_path, caplog):
+    path = tmp_path / "names.json"
+    path.write_text("[1, 2]")
+    assert NameMap(path).name_for("id-1", "Plug") == "plug"
+    assert any(str(path) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_upper_case_ids_in_names_json_still_match(tmp_path):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"50:C7:BF:00:00:01": "kettle"}))
+    assert NameMap(path).name_for("50:c7:bf:00:00:01", "Tea") == "kettle"
+
+
+def test_two_entries_with_one_name_in_names_json_are_told_apart(tmp_path):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"id-1": "kitchen", "id-2": "kitchen"}))
+    names = NameMap(path)
+    first, second = names.name_for("id-1"), names.name_for("id-2")
+    assert first == "kitchen" and second != first
+
+
+# --- No two devices ever share a series ------------------------------------------
+
+
+def test_appended_id_never_lands_on_a_name_already_taken(tmp_path):
+    names = NameMap(tmp_path / "names.json")
+    taken = names.name_for("x3", "plug_x2")  # a device whose own name looks like a suffix
+    first = names.name_for("x", "Plug")
+    second = names.name_for("x2", "Plug")
+    assert len({taken, first, second}) == 3
+
+
+def test_renamed_for_an_override_never_lands_on_a_name_already_taken(tmp_path):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"id-1": "meter", "id-3": "meter_id_1"}))
+    names = NameMap(path, {"id-2": "meter"})
+    found = {key: names.name_for(key) for key in ("id-1", "id-2", "id-3")}
+    assert len(set(found.values())) == 3 and found["id-2"] == "meter"
+
+
+def test_pinned_name_never_takes_a_configured_one(tmp_path):
+    names = NameMap(tmp_path / "names.json", {"other": "heat_pump"})
+    names.pin("circuit-1", "Heat pump")
+    assert names.name_for("other") == "heat_pump"
+    assert names.name_for("circuit-1") not in ("heat_pump", "")
+
+
+def test_two_ids_given_one_name_are_refused():
+    with pytest.raises(ConfigError) as raised:
+        NameMap(None, {"50:c7:bf:00:00:01": "kitchen", "50:c7:bf:00:00:02": "Kitchen"})
+    assert "50:c7:bf:00:00:01" in str(raised.value) and "50:c7:bf:00:00:02" in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["a file", "read-only"])
+def test_prepare_state_dir_refuses_what_cannot_be_written(tmp_path, kind, monkeypatch):
+    target = tmp_path / "state"
+    if kind == "a file":
+        target.write_text("x")
+        target = target / "kasa"
+    else:
+        target.mkdir()
+
+        def refuse(self, data):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(type(target), "write_bytes", refuse)
+    with pytest.raises(ConfigError, match=r"^STATE_DIR: cannot write in"):
+        prepare_state_dir(target)
+
+
+def test_prepare_state_dir_leaves_nothing_behind(tmp_path):
+    prepare_state_dir(tmp_path / "state" / "kasa")
+    assert list((tmp_path / "state" / "kasa").iterdir()) == []
+
+
+def test_ids_with_nothing_usable_still_get_distinct_names(tmp_path):
+    # MQTT topics tele/кухня, tele/спальня, tele/台所: no ASCII to name them by.
+    path = tmp_path / "names.json"
+    names = NameMap(path)
+    given = [names.name_for(topic, topic) for topic in ("кухня", "спальня", "台所")]
+    assert len(set(given)) == 3
+    again = NameMap(path)
+    assert [again.name_for(topic, topic) for topic in ("кухня", "спальня", "台所")] == given

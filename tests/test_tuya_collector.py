@@ -436,6 +436,40 @@ def test_gateway_sub_devices_are_left_out_not_searched_for(make_home, env, tmp_p
     assert "no address" not in result.stderr
 
 
+def _with_a_list_code(home: Home, name: str) -> str:
+    """Rewrite devices.json with ``name``'s first mapping code a list; its key."""
+    raw = json.loads(home.path.read_text(encoding="utf-8"))
+    entry = next(e for e in raw if e["name"] == name)
+    first_dp = next(iter(entry["mapping"]))
+    entry["mapping"][first_dp]["code"] = ["cur_power"]
+    home.path.write_text(json.dumps(raw), encoding="utf-8")
+    return entry["key"]
+
+
+def test_a_wrong_type_in_one_entry_stops_only_that_device(make_home, env):
+    home = make_home()
+    key = _with_a_list_code(home, "Kettle")
+    result = run_tuya(["--once", "--dry-run", "--devices", str(home.path)], env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and key not in result.stderr
+    said = [line for line in result.stderr.splitlines() if "(Kettle)" in line]
+    assert len(said) == 1 and "code is a list" in said[0] and "left out" in said[0]
+    assert ".kettle." not in result.stdout
+    assert f"{PREFIX}.shed.power_watts" in result.stdout
+
+
+def test_discover_with_a_wrong_type_in_one_entry_prints_no_traceback(make_home, env):
+    home = make_home()
+    key = _with_a_list_code(home, "Kettle")
+    result = run_tuya(
+        ["--discover", "--devices", str(home.path)], {**env, "TUYA_ANNOUNCE_LISTEN_S": "1.5"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and key not in result.stderr
+    rows = {line.split("  ")[0] for line in result.stdout.splitlines()[2:]}
+    assert "Kettle" not in rows and "Shed" in rows
+
+
 def test_discover_merges_announcements_with_devices_json(make_home, env):
     stranger = SimulatedTuyaDevice(
         "bfstranger00000000000x", "0123456789abcdef", "3.4", host="127.0.0.1", port=0

@@ -600,3 +600,45 @@ def test_a_device_that_never_answers_updatedps_is_not_asked_again():
     finally:
         connection.close()
     assert SilentClient.calls == 2
+
+
+@pytest.mark.parametrize(
+    "fields, said",
+    [
+        ({"mapping": {"19": {"code": ["cur_power"]}}}, "mapping DP 19: code is a list"),
+        ({"mapping": {"19": {"code": {"x": 1}}}}, "mapping DP 19: code is an object"),
+        ({"mapping": {"19": {"code": 19}}}, "mapping DP 19: code is a number"),
+        ({"mapping": {"19": {"code": "cur_power", "values": [1]}}}, "values is a list"),
+        ({"mapping": {"19": {"code": "cur_power", "type": 3}}}, "type is a number"),
+        ({"mapping": {"19": ["cur_power"]}}, "mapping DP 19: is a list"),
+        ({"mapping": ["cur_power"]}, "mapping is a list"),
+        ({"key": 1234567890123456}, "key is a number"),
+        ({"name": ["Kettle"]}, "name is a list"),
+        ({"ip": 127}, "ip is a number"),
+        ({"category": ["cz"]}, "category is a list"),
+        ({"product_id": True}, "product_id is true/false"),
+        ({"node_id": {"a": 1}}, "node_id is an object"),
+    ],
+)
+def test_a_wrong_type_anywhere_leaves_out_only_that_entry(fields, said):
+    good = {"id": "a1", "name": "Good", "key": KEY, "mapping": MAPPED_PLUG, "category": "cz"}
+    bad = {"id": "a2", "name": "Bad", "key": KEY, "category": "cz", **fields}
+    entries, problems = tuya.parse_devices([bad, good])
+    assert [entry.id for entry in entries] == ["a1"]
+    assert len(problems) == 1 and said in problems[0] and "left out" in problems[0]
+    assert not any(KEY in problem or "1234567890123456" in problem for problem in problems)
+    # The good entry is planned as usual (the bad one would have raised here).
+    assert tuya.plan_for(entries[0]).measures_power
+
+
+def test_null_fields_are_as_good_as_missing():
+    entry = tuya.parse_entry(
+        {"id": "a1", "key": None, "name": None, "ip": None, "mapping": None, "category": None}
+    )
+    assert (entry.key, entry.name, entry.ip, entry.category, dict(entry.mapping)) == (
+        "",
+        "a1",
+        "",
+        "",
+        {},
+    )
