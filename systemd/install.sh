@@ -6,7 +6,7 @@
 #   sudo systemd/install.sh --uninstall   stop, disable and remove the units
 #
 # It makes the virtual environment (.venv) and installs requirements.txt into
-# it, checks the settings, renders every unit from systemd/*.service.in, then
+# it, checks the settings, renders every unit from systemd/electricity.service.in, then
 # enables and (re)starts the collectors named. Safe to run again: after a
 # `git pull`, a changed config_local.py or a moved checkout, run it again.
 #
@@ -192,28 +192,56 @@ fi
 
 # --- Render the units -----------------------------------------------------------------
 
+# What each collector's unit runs, and what it reads (its Description).
+collector_script() {
+    case $1 in
+        kasa) echo kasa_to_graphite.py ;;
+        tuya) echo tuya_to_graphite.py ;;
+        esp32) echo esp32_receiver.py ;;
+        mqtt) echo mqtt_to_graphite.py ;;
+        circuit) echo circuit_to_graphite.py ;;
+    esac
+}
+
+collector_description() {
+    case $1 in
+        kasa) echo "TP-Link Kasa plugs and strips" ;;
+        tuya) echo "Tuya plugs and meters on the LAN" ;;
+        esp32) echo "ESP32 meter pulse reader (HTTP receiver)" ;;
+        mqtt) echo "MQTT power sources (Glow, Tasmota, Shelly...)" ;;
+        circuit) echo "DIN-rail circuit meters (Modbus, Tuya)" ;;
+    esac
+}
+
 render() {
-    local template=$1 system_lines
+    local name=$1 system_lines private_devices=yes
     if [ "$user_mode" = yes ]; then
         system_lines='/^@SYSTEM@/d'
     else
         system_lines='s/^@SYSTEM@//'
     fi
-    sed -e "$system_lines" \
-        -e "s|^# Template.*|# Rendered by systemd/install.sh from systemd/${template##*/}: edit that and re-run it.|" \
+    # Modbus RTU meters hang off a serial adapter.
+    [ "$name" != circuit ] || private_devices=no
+    sed -e "1i # Rendered by systemd/install.sh from systemd/electricity.service.in: edit that and re-run it." \
+        -e '1,/^\[Unit\]/{/^#/d;}' \
+        -e "$system_lines" \
+        -e "s|@COLLECTOR@|$name|g" \
+        -e "s|@SCRIPT@|$(collector_script "$name")|g" \
+        -e "s|@DESCRIPTION@|$(collector_description "$name")|g" \
+        -e "s|@PRIVATE_DEVICES@|$private_devices|g" \
         -e "s|@ROOT@|$ROOT|g" \
         -e "s|@PYTHON@|$python|g" \
         -e "s|@USER@|$run_as|g" \
         -e "s|@GROUP@|$group|g" \
         -e "s|@STATE_DIR@|$state_dir|g" \
         -e "s|@WANTED_BY@|$wanted_by|g" \
-        "$template"
+        "$TEMPLATES/electricity.service.in"
 }
 
 mkdir -p "$unit_dir"
 for name in "${ALL_COLLECTORS[@]}"; do
     unit="electricity-$name.service"
-    render "$TEMPLATES/$unit.in" >"$unit_dir/$unit.new"
+    render "$name" >"$unit_dir/$unit.new"
     chmod 0644 "$unit_dir/$unit.new"
     if cmp -s "$unit_dir/$unit.new" "$unit_dir/$unit"; then
         rm "$unit_dir/$unit.new"
