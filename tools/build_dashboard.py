@@ -379,9 +379,52 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
     q = queries_for(settings)
     money = settings.dashboard_currency_unit
     meter_name = "ESP32 pulse reader" if q.house_meter == "esp32" else "Glow display"
-    day_bars = {"bars": True, "time_from": "now-6d/d"}
+    panels = _layout(
+        [
+            (None, _now_row(q, money, meter_name)),
+            (None, _house_row(q, money, meter_name)),
+            (_row("Devices"), _devices_row(q)),
+            (_row("Circuits"), _circuits_row(q, meter_name)),
+            (_row("Collector health"), _health_row(q)),
+        ]
+    )
+    return {
+        "uid": DASHBOARD_UID,
+        "title": "Home electricity",
+        "description": "Whole house, devices, circuits, costs and collector health "
+        "(home electricity monitoring; built by tools/build_dashboard.py).",
+        "tags": ["electricity", "home"],
+        "timezone": "browser",
+        "weekStart": "monday",
+        "editable": True,
+        "graphTooltip": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {"refresh_intervals": ["30s", "1m", "5m", "15m", "1h"]},
+        "refresh": "1m",
+        "schemaVersion": 39,
+        "version": 1,
+        "links": [],
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "templating": {"list": _variables(settings)},
+        "panels": panels,
+    }
 
-    now_row = [
+
+def _now_row(q: Queries, money: str, meter_name: str) -> list[tuple[dict[str, Any], int, int]]:
+    """Whole house now, used and cost today, this week, this month."""
+    return [
         (
             _stat(
                 "Whole house now",
@@ -448,7 +491,12 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
             5,
         ),
     ]
-    house_row = [
+
+
+def _house_row(q: Queries, money: str, meter_name: str) -> list[tuple[dict[str, Any], int, int]]:
+    """Whole-house power from both meters, energy and cost per day."""
+    day_bars = {"bars": True, "time_from": "now-6d/d"}
+    return [
         (
             _timeseries(
                 "Whole-house power",
@@ -487,7 +535,11 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
             8,
         ),
     ]
-    devices_row = [
+
+
+def _devices_row(q: Queries) -> list[tuple[dict[str, Any], int, int]]:
+    """Every device's power stacked up to the whole house, and the device table."""
+    return [
         (
             _timeseries(
                 "Power per device (stacked)",
@@ -511,7 +563,11 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
             10,
         ),
     ]
-    circuits_row = [
+
+
+def _circuits_row(q: Queries, meter_name: str) -> list[tuple[dict[str, Any], int, int]]:
+    """Power and today's energy per circuit, and the load nothing monitors."""
+    return [
         (
             _timeseries(
                 "Circuits",
@@ -555,7 +611,11 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
             8,
         ),
     ]
-    health_row = [
+
+
+def _health_row(q: Queries) -> list[tuple[dict[str, Any], int, int]]:
+    """Each collector's devices, newest point and spool."""
+    return [
         (
             _stat(
                 "Devices answering",
@@ -617,47 +677,6 @@ def build_dashboard(settings: Any) -> dict[str, Any]:
             5,
         ),
     ]
-    panels = _layout(
-        [
-            (None, now_row),
-            (None, house_row),
-            (_row("Devices"), devices_row),
-            (_row("Circuits"), circuits_row),
-            (_row("Collector health"), health_row),
-        ]
-    )
-    return {
-        "uid": DASHBOARD_UID,
-        "title": "Home electricity",
-        "description": "Whole house, devices, circuits, costs and collector health "
-        "(home electricity monitoring; built by tools/build_dashboard.py).",
-        "tags": ["electricity", "home"],
-        "timezone": "browser",
-        "weekStart": "monday",
-        "editable": True,
-        "graphTooltip": 1,
-        "time": {"from": "now-6h", "to": "now"},
-        "timepicker": {"refresh_intervals": ["30s", "1m", "5m", "15m", "1h"]},
-        "refresh": "1m",
-        "schemaVersion": 39,
-        "version": 1,
-        "links": [],
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
-        "templating": {"list": _variables(settings)},
-        "panels": panels,
-    }
 
 
 def _device_table(q: Queries) -> dict[str, Any]:
