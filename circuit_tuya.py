@@ -20,7 +20,9 @@ import time
 from collections.abc import Sequence
 
 import collector
-import tuya_devices as tuya
+import tuya_devicefile as devicefile
+import tuya_link as link
+import tuya_scaling as scaling
 from circuits import Circuit, CircuitReader, CircuitReadError, NoAnswer
 from settings import ConfigError
 from state import EnergyIntegrator
@@ -31,13 +33,13 @@ class TuyaCircuitReader(CircuitReader):
 
     def __init__(self, runtime: collector.Runtime, circuits: Sequence[Circuit]) -> None:
         super().__init__(runtime, circuits)
-        self.tuya = tuya.TuyaSettings.load(self.settings)
-        entries, problems = tuya.load_devices_file(self.tuya.devices_path)
-        tuya.protect_keys(entries)
+        self.tuya = link.TuyaSettings.load(self.settings)
+        entries, problems = devicefile.load_devices_file(self.tuya.devices_path)
+        link.protect_keys(entries)
         for problem in problems:
             self.log.warning("%s: %s", self.tuya.devices_path, problem)
         by_id = {entry.id: entry for entry in entries}
-        self.meters: dict[str, tuple[tuya.DeviceEntry, tuya.Plan]] = {}
+        self.meters: dict[str, tuple[devicefile.DeviceEntry, scaling.Plan]] = {}
         for circuit in circuits:
             entry = by_id.get(circuit.connection)
             where = f"CIRCUITS ({circuit.name!r})"
@@ -49,7 +51,7 @@ class TuyaCircuitReader(CircuitReader):
             if not entry.key:
                 raise ConfigError(f"{where}: {entry.label} has no local key in devices.json")
             self.meters[circuit.stable_id] = (entry, meter_plan(self.tuya.plan(entry)))
-        self.connections = tuya.Connections(self.tuya)
+        self.connections = link.Connections(self.tuya)
         self.energy = EnergyIntegrator(
             runtime.state_path("tuya_energy.json"),
             max_gap_s=3 * float(self.settings.circuit_interval_s),
@@ -63,16 +65,16 @@ class TuyaCircuitReader(CircuitReader):
         connection = await self._connection(circuit)
         try:
             dps = await connection.poll()
-        except tuya.NoAnswer as exc:
+        except link.NoAnswer as exc:
             raise NoAnswer(str(exc)) from None
-        except tuya.TuyaError as exc:
+        except link.TuyaError as exc:
             raise CircuitReadError(str(exc)) from None
-        values, problems = tuya.extract_values(connection.plan, dps)
+        values, problems = scaling.extract_values(connection.plan, dps)
         for problem in problems:
             self._said.say((entry.id, problem[:6]), "%s: %s; not sent", circuit.name, problem)
         values.pop("is_on", None)  # a circuit reports what flows, not the breaker
         if circuit.phases == 1:
-            values = tuya.combine_phases(values)
+            values = scaling.combine_phases(values)
         if not connection.plan.has_counter:
             power = total_power(values, circuit.phases)
             if power is not None and math.isfinite(power):
@@ -80,7 +82,7 @@ class TuyaCircuitReader(CircuitReader):
                 self.energy.save()
         return values
 
-    async def _connection(self, circuit: Circuit) -> tuya.TuyaConnection:
+    async def _connection(self, circuit: Circuit) -> link.TuyaConnection:
         entry, plan = self.meters[circuit.stable_id]
         host, port = self.connections.address(entry)
         if not host or self.connections.failures(entry.id) >= 2:
@@ -112,14 +114,14 @@ class TuyaCircuitReader(CircuitReader):
         self.energy.save()
 
 
-def meter_plan(plan: tuya.Plan) -> tuya.Plan:
+def meter_plan(plan: scaling.Plan) -> scaling.Plan:
     """A circuit is a meter: a device whose devices.json says nothing about its
     meter is read as a metering DIN breaker (DP 1 kWh x100, DP 6/7/8 phases)."""
     if plan.measures_power:
         return plan
-    profile = tuya.METERING_BREAKER
-    return tuya.Plan(
-        tuya.METER,
+    profile = scaling.METERING_BREAKER
+    return scaling.Plan(
+        scaling.METER,
         f"profile: {profile.description} (CIRCUITS)",
         profile.switch_dp,
         {**profile.channels, **plan.channels},

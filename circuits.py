@@ -5,7 +5,7 @@ What CIRCUITS and CIRCUIT_RANGES (config.py) say, checked (``Circuit``,
 ranges (``complete_totals``, ``check_ranges``); and the seam for kinds of
 meter, ``CircuitReader`` and the errors a read raises. No I/O: the Modbus
 reader and the collector are in circuit_to_graphite.py, the Tuya reader in
-circuit_tuya.py; tuya_to_graphite.py and tuya_devices.py use the figures.
+circuit_tuya.py; tuya_to_graphite.py and tuya_scaling.py use the figures.
 """
 
 from __future__ import annotations

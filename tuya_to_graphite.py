@@ -16,7 +16,8 @@ power samples and kept in the state dir across restarts.
 
 Devices without an address in devices.json or TUYA_ADDRESSES are found by
 listening for their own UDP announcements; nothing is broadcast. What each
-device measures and how its values scale, and the connections: tuya_devices.py.
+device measures and how its values scale, and the connections: tuya_devicefile.py,
+tuya_scaling.py and tuya_link.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import collector
-import tuya_devices as tuya
+import tuya_devicefile as devicefile
+import tuya_link as link
+import tuya_scaling as scaling
 from circuits import configured_tuya_circuit_ids
 from state import EnergyIntegrator
 
@@ -63,7 +66,7 @@ class TuyaCollector(collector.Collector):
     def __init__(self, runtime: collector.Runtime, args: argparse.Namespace) -> None:
         super().__init__(runtime, args)
         settings = self.settings
-        self.tuya = tuya.TuyaSettings.load(settings)
+        self.tuya = link.TuyaSettings.load(settings)
         if self.tuya.timeout_s < settings.tuya_timeout_s:
             self.log.info(
                 "TUYA_TIMEOUT_S held at %g s, a quarter of DEVICE_TIMEOUT_S", self.tuya.timeout_s
@@ -73,9 +76,9 @@ class TuyaCollector(collector.Collector):
         self.energy = EnergyIntegrator(
             runtime.state_path("energy.json"), max_gap_s=MAX_GAP_INTERVALS * interval_s
         )
-        self.entries: list[tuya.DeviceEntry] = []
+        self.entries: list[devicefile.DeviceEntry] = []
         self._loaded_stamp: tuple[float, int] | None = None
-        self.connections = tuya.Connections(self.tuya)
+        self.connections = link.Connections(self.tuya)
         # Problems by (device id, subject): said at WARNING (devices left out
         # at INFO) once, then at DEBUG.
         self._said = collector.Once(self.log)
@@ -94,8 +97,8 @@ class TuyaCollector(collector.Collector):
             stamp = None
         if stamp is not None and stamp == self._loaded_stamp:
             return
-        entries, problems = tuya.load_devices_file(self.tuya.devices_path)
-        tuya.protect_keys(entries)
+        entries, problems = devicefile.load_devices_file(self.tuya.devices_path)
+        link.protect_keys(entries)
         for problem in problems:
             self.log.warning("%s: %s", self.tuya.devices_path, problem)
         if self._loaded_stamp is not None:
@@ -121,14 +124,14 @@ class TuyaCollector(collector.Collector):
                         self.tuya.devices_path,
                     )
 
-    def _plan(self, entry: tuya.DeviceEntry) -> tuple[tuya.Plan | None, str]:
+    def _plan(self, entry: devicefile.DeviceEntry) -> tuple[scaling.Plan | None, str]:
         """The device's plan, or None and why it is left out."""
-        if tuya.matches(self.tuya.exclude, entry):
+        if devicefile.matches(self.tuya.exclude, entry):
             return None, "excluded (TUYA_EXCLUDE)"
         if entry.id in self.circuit_ids:
             return None, "a circuit (CIRCUITS: circuit_to_graphite.py reads it)"
         plan = self.tuya.plan(entry)
-        if plan.kind == tuya.SKIP:
+        if plan.kind == scaling.SKIP:
             return None, plan.describe()
         if entry.node_id:
             return None, f"a sub-device of a gateway ({plan.describe()}): not read yet"
@@ -189,7 +192,9 @@ class TuyaCollector(collector.Collector):
         for entry in self.entries:
             _, why = self._plan(entry)
             host, port = self.connections.address(entry)
-            where = "" if not host else host if port == tuya.DEFAULT_PORT else f"{host}:{port}"
+            where = (
+                "" if not host else host if port == devicefile.DEFAULT_PORT else f"{host}:{port}"
+            )
             seen = "announced" if entry.id in heard else "not seen"
             row = (
                 entry.name,
@@ -246,20 +251,22 @@ class TuyaCollector(collector.Collector):
         return [collector.Reading(connection.entry.id, connection.entry.name, values)]
 
     def extract(
-        self, entry: tuya.DeviceEntry, plan: tuya.Plan, dps: dict[str, Any]
+        self, entry: devicefile.DeviceEntry, plan: scaling.Plan, dps: dict[str, Any]
     ) -> dict[str, float]:
         """The figures to send: scaled, checked, phases named. What cannot be
         read or makes no physical sense is logged (once) and counted."""
-        values, unreadable = tuya.extract_values(plan, dps)
-        kept, dropped = tuya.check_ranges(values, self.tuya.ranges.get(plan.kind, {}))
-        kept, inconsistent = tuya.check_apparent_power(kept)
+        values, unreadable = scaling.extract_values(plan, dps)
+        kept, dropped = scaling.check_ranges(values, self.tuya.ranges.get(plan.kind, {}))
+        kept, inconsistent = scaling.check_apparent_power(kept)
         self._report(entry, "values_unreadable", unreadable, len(unreadable))
         self._report(entry, "values_out_of_range", dropped + inconsistent, len(values) - len(kept))
         for metric in kept:
             self._said.clear((entry.id, metric))
-        return tuya.combine_phases(kept)
+        return scaling.combine_phases(kept)
 
-    def _report(self, entry: tuya.DeviceEntry, counter: str, lines: list[str], count: int) -> None:
+    def _report(
+        self, entry: devicefile.DeviceEntry, counter: str, lines: list[str], count: int
+    ) -> None:
         self.runtime.health.count(counter, count)
         for line in lines:
             subject = line.split(" ")[0] if counter == "values_out_of_range" else line[:6]

@@ -1,5 +1,6 @@
-"""tuya_devices: devices.json, what each device measures and in which scale,
-decoding and sanity checks (pure), and TuyaConnection against simulated
+"""tuya_devicefile, tuya_scaling, tuya_link: devices.json, what each device
+measures and in which scale, decoding and sanity checks (pure), and
+TuyaConnection against simulated
 devices speaking the real protocols to the real tinytuya, on loopback only."""
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 import tinytuya
 
 import collector
-import tuya_devices as tuya
+import tuya_devicefile as devicefile
+import tuya_link as link
+import tuya_scaling as scaling
 from settings import ConfigError, load_settings
 from simulators.tuya import (
     PLUG_MAPPING,
@@ -34,19 +37,19 @@ NO_HANG_S = 30.0  # a ceiling that only catches a hang, never a slow machine
 
 
 @pytest.fixture(scope="module")
-def wizard(fixtures_dir: Path) -> list[tuya.DeviceEntry]:
-    entries, problems = tuya.load_devices_file(fixtures_dir / "tuya" / "devices.json")
+def wizard(fixtures_dir: Path) -> list[devicefile.DeviceEntry]:
+    entries, problems = devicefile.load_devices_file(fixtures_dir / "tuya" / "devices.json")
     assert problems == []
     return entries
 
 
-def by_name(entries: list[tuya.DeviceEntry], name: str) -> tuya.DeviceEntry:
+def by_name(entries: list[devicefile.DeviceEntry], name: str) -> devicefile.DeviceEntry:
     return next(entry for entry in entries if entry.name == name)
 
 
-def entry(**fields) -> tuya.DeviceEntry:
+def entry(**fields) -> devicefile.DeviceEntry:
     base = {"id": "bf0000000000000000test", "name": "Test", "key": KEY, "category": "cz"}
-    return tuya.parse_entry({**base, **fields})
+    return devicefile.parse_entry({**base, **fields})
 
 
 # --- devices.json -------------------------------------------------------------------
@@ -56,8 +59,8 @@ def test_both_wizard_forms_load_the_same(tmp_path, fixtures_dir):
     raw = json.loads((fixtures_dir / "tuya" / "devices.json").read_text(encoding="utf-8"))
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"devices": raw}), encoding="utf-8")
-    listed, _ = tuya.load_devices_file(fixtures_dir / "tuya" / "devices.json")
-    assert tuya.load_devices_file(wrapped) == (listed, [])
+    listed, _ = devicefile.load_devices_file(fixtures_dir / "tuya" / "devices.json")
+    assert devicefile.load_devices_file(wrapped) == (listed, [])
     assert len(listed) == 21
     kettle = by_name(listed, "Kettle")
     assert (kettle.ip, kettle.version, kettle.port, kettle.category) == (
@@ -70,7 +73,7 @@ def test_both_wizard_forms_load_the_same(tmp_path, fixtures_dir):
 
 
 def test_bad_entries_are_left_out_with_a_reason_and_never_the_key():
-    entries, problems = tuya.parse_devices(
+    entries, problems = devicefile.parse_devices(
         [
             {"id": "a1", "name": "Good", "key": KEY, "ip": "127.0.0.1", "version": 3.3},
             {"name": "No id", "key": KEY},
@@ -96,7 +99,7 @@ def test_unusable_devices_file_is_a_config_error(tmp_path, content, message):
     if content is not None:
         path.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError, match=message) as info:
-        tuya.load_devices_file(path)
+        devicefile.load_devices_file(path)
     assert str(info.value).startswith("TUYA_DEVICES_FILE:")
 
 
@@ -107,56 +110,56 @@ def test_sub_devices_are_marked(wizard):
 
 def test_per_device_settings_match_id_or_name(wizard):
     kettle = by_name(wizard, "Kettle")
-    assert tuya.lookup({"kettle ": "127.0.0.9"}, kettle) == "127.0.0.9"
-    assert tuya.lookup({kettle.id: "a", "Kettle": "b"}, kettle) == "a"
-    assert tuya.matches(["KETTLE"], kettle) and not tuya.matches(["Shed"], kettle)
+    assert devicefile.lookup({"kettle ": "127.0.0.9"}, kettle) == "127.0.0.9"
+    assert devicefile.lookup({kettle.id: "a", "Kettle": "b"}, kettle) == "a"
+    assert devicefile.matches(["KETTLE"], kettle) and not devicefile.matches(["Shed"], kettle)
 
 
 # --- what each device of the real home measures ---------------------------------------
 
 EXPECTED_KINDS = {
-    "Diivoo smart dual water timer": tuya.SKIP,
-    "Gateway": tuya.SKIP,
-    "Multifunction alarm": tuya.SKIP,
-    "Electric blanket": tuya.SWITCH,
-    "Dining room lights": tuya.SWITCH,
-    "Amaryllis Fridge": tuya.SWITCH,
-    "Front room fairy lights": tuya.SWITCH,
-    "Towel Rail": tuya.SWITCH,
-    "Dishwasher": tuya.SWITCH,  # no mapping: power if its DPs show it
-    "Boot room freezer": tuya.SWITCH,
-    "Garage power A": tuya.SWITCH,
-    "Main Oven": tuya.METER,
-    "Top Oven": tuya.METER,
+    "Diivoo smart dual water timer": scaling.SKIP,
+    "Gateway": scaling.SKIP,
+    "Multifunction alarm": scaling.SKIP,
+    "Electric blanket": scaling.SWITCH,
+    "Dining room lights": scaling.SWITCH,
+    "Amaryllis Fridge": scaling.SWITCH,
+    "Front room fairy lights": scaling.SWITCH,
+    "Towel Rail": scaling.SWITCH,
+    "Dishwasher": scaling.SWITCH,  # no mapping: power if its DPs show it
+    "Boot room freezer": scaling.SWITCH,
+    "Garage power A": scaling.SWITCH,
+    "Main Oven": scaling.METER,
+    "Top Oven": scaling.METER,
 }
 
 
 def test_every_wizard_device_gets_the_right_plan(wizard):
     for device in wizard:
-        plan = tuya.plan_for(device)
-        assert plan.kind == EXPECTED_KINDS.get(device.name, tuya.PLUG), device.name
-        if plan.kind == tuya.PLUG:  # mapped plugs: 18 mA, 19 W x10, 20 V x10
+        plan = scaling.plan_for(device)
+        assert plan.kind == EXPECTED_KINDS.get(device.name, scaling.PLUG), device.name
+        if plan.kind == scaling.PLUG:  # mapped plugs: 18 mA, 19 W x10, 20 V x10
             assert plan.channels == {
-                "current_amps": tuya.Channel("18", 0, 1, 1000),
-                "power_watts": tuya.Channel("19", 1),
-                "voltage_volts": tuya.Channel("20", 1),
+                "current_amps": scaling.Channel("18", 0, 1, 1000),
+                "power_watts": scaling.Channel("19", 1),
+                "voltage_volts": scaling.Channel("20", 1),
             }
             assert plan.switch_dp == "1" and plan.source == "mapping"
             assert not plan.has_counter  # add_ele is an increment, not a total
-    oven = tuya.plan_for(by_name(wizard, "Main Oven"))
+    oven = scaling.plan_for(by_name(wizard, "Main Oven"))
     assert oven.phase_dps == ("6", "7", "8") and oven.switch_dp == "16"
-    assert oven.channels == {"energy_kwh": tuya.Channel("1", scale=2)}
+    assert oven.channels == {"energy_kwh": scaling.Channel("1", scale=2)}
     assert "profile" in oven.source
-    timer = tuya.plan_for(by_name(wizard, "Diivoo smart dual water timer"))
+    timer = scaling.plan_for(by_name(wizard, "Diivoo smart dual water timer"))
     assert "water timer" in timer.describe()
 
 
 def test_scaling_precedence_override_then_mapping_then_profile_then_defaults(wizard):
     kettle = by_name(wizard, "Kettle")
-    override = tuya.parse_scaling("TUYA_SCALING['Kettle']", {"power_watts": {"dp": 19}})
-    plan = tuya.plan_for(kettle, override)
-    assert plan.channels["power_watts"] == tuya.Channel("19", 0)  # override
-    assert plan.channels["voltage_volts"] == tuya.Channel("20", 1)  # mapping
+    override = scaling.parse_scaling("TUYA_SCALING['Kettle']", {"power_watts": {"dp": 19}})
+    plan = scaling.plan_for(kettle, override)
+    assert plan.channels["power_watts"] == scaling.Channel("19", 0)  # override
+    assert plan.channels["voltage_volts"] == scaling.Channel("20", 1)  # mapping
     assert plan.source.startswith("TUYA_SCALING")
     # A dlq with a mapping of its own follows the mapping, not the profile.
     mapped_meter = entry(
@@ -167,15 +170,15 @@ def test_scaling_precedence_override_then_mapping_then_profile_then_defaults(wiz
             "16": {"code": "switch", "type": "Boolean", "values": {}},
         },
     )
-    plan = tuya.plan_for(mapped_meter)
-    assert plan.channels == {"energy_kwh": tuya.Channel("1", 3)}
-    assert plan.phase_dps == ("6",) and plan.source == "mapping" and plan.kind == tuya.METER
+    plan = scaling.plan_for(mapped_meter)
+    assert plan.channels == {"energy_kwh": scaling.Channel("1", 3)}
+    assert plan.phase_dps == ("6",) and plan.source == "mapping" and plan.kind == scaling.METER
     # No mapping, no profile: a socket is read with the usual DPs once seen.
-    bare = tuya.plan_for(entry())
-    assert bare.kind == tuya.SWITCH and bare.probe_layouts and bare.switch_dp == "1"
-    resolved = tuya.resolve_layout(bare, plug_dps(40.0, legacy=True))
-    assert resolved is not None and resolved.channels["power_watts"] == tuya.Channel("5", 1)
-    assert tuya.resolve_layout(bare, {"1": True}) is None
+    bare = scaling.plan_for(entry())
+    assert bare.kind == scaling.SWITCH and bare.probe_layouts and bare.switch_dp == "1"
+    resolved = scaling.resolve_layout(bare, plug_dps(40.0, legacy=True))
+    assert resolved is not None and resolved.channels["power_watts"] == scaling.Channel("5", 1)
+    assert scaling.resolve_layout(bare, {"1": True}) is None
 
 
 def test_usual_dps_are_not_taken_when_the_mapping_gives_them_another_meaning():
@@ -185,9 +188,9 @@ def test_usual_dps_are_not_taken_when_the_mapping_gives_them_another_meaning():
             "19": {"code": "countdown_1", "type": "Integer", "values": {"scale": 0}},
         }
     )
-    plan = tuya.plan_for(device)
-    assert tuya.resolve_layout(plan, plug_dps(40.0)) is None
-    assert tuya.resolve_layout(plan, plug_dps(40.0, legacy=True)) is not None
+    plan = scaling.plan_for(device)
+    assert scaling.resolve_layout(plan, plug_dps(40.0)) is None
+    assert scaling.resolve_layout(plan, plug_dps(40.0, legacy=True)) is not None
 
 
 @pytest.mark.parametrize(
@@ -206,9 +209,9 @@ def test_usual_dps_are_not_taken_when_the_mapping_gives_them_another_meaning():
     ],
 )
 def test_mapping_scale_and_unit(code, values, raw, expected):
-    metric, channel = tuya.channel_from_mapping("9", code, {"code": code, "values": values})
+    metric, channel = scaling.channel_from_mapping("9", code, {"code": code, "values": values})
     assert channel.convert(raw) == pytest.approx(expected, rel=1e-12)
-    assert metric == tuya.UNITS[tuya.CONVENTIONAL_UNITS[code]][0]
+    assert metric == scaling.UNITS[scaling.CONVENTIONAL_UNITS[code]][0]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +228,7 @@ def test_mapping_scale_and_unit(code, values, raw, expected):
 )
 def test_bad_scaling_override_is_a_config_error(spec, message):
     with pytest.raises(ConfigError, match=message):
-        tuya.parse_scaling("TUYA_SCALING['Kettle']", spec)
+        scaling.parse_scaling("TUYA_SCALING['Kettle']", spec)
 
 
 # --- decoding and checks -----------------------------------------------------------------
@@ -233,18 +236,18 @@ def test_bad_scaling_override_is_a_config_error(spec, message):
 
 def test_phase_decoding_known_bytes():
     raw = bytes.fromhex("08fc0005dc000159")  # 230.0 V, 1.500 A, 345 W
-    assert tuya.decode_phase(base64.b64encode(raw).decode()) == (230.0, 1.5, 345.0)
-    assert tuya.decode_phase(encode_phase(241.3, 12.345, 2980)) == (241.3, 12.345, 2980.0)
+    assert scaling.decode_phase(base64.b64encode(raw).decode()) == (230.0, 1.5, 345.0)
+    assert scaling.decode_phase(encode_phase(241.3, 12.345, 2980)) == (241.3, 12.345, 2980.0)
     for bad in ("not base64!", base64.b64encode(b"1234567").decode(), 12):
         with pytest.raises(ValueError):
-            tuya.decode_phase(bad)
+            scaling.decode_phase(bad)
 
 
 def test_meter_values_one_and_three_phases(wizard):
-    plan = tuya.plan_for(by_name(wizard, "Main Oven"))
-    values, problems = tuya.extract_values(plan, din_meter_dps([(230.0, 1.5, 345.0)], 1234.56))
+    plan = scaling.plan_for(by_name(wizard, "Main Oven"))
+    values, problems = scaling.extract_values(plan, din_meter_dps([(230.0, 1.5, 345.0)], 1234.56))
     assert problems == []
-    assert tuya.combine_phases(values) == {
+    assert scaling.combine_phases(values) == {
         "is_on": 1.0,
         "energy_kwh": 1234.56,
         "voltage_volts": 230.0,
@@ -252,8 +255,8 @@ def test_meter_values_one_and_three_phases(wizard):
         "power_watts": 345.0,
     }
     phases = [(230.0, 10.0, 2300.0), (231.0, 2.0, 462.0), (229.0, 0.5, 100.0)]
-    values, _ = tuya.extract_values(plan, din_meter_dps(phases, 10.0, on=False))
-    combined = tuya.combine_phases(values)
+    values, _ = scaling.extract_values(plan, din_meter_dps(phases, 10.0, on=False))
+    combined = scaling.combine_phases(values)
     assert combined["l2_power_watts"] == 462.0 and combined["l3_current_amps"] == 0.5
     assert combined["power_watts"] == 2862.0 and combined["current_amps"] == 12.5
     assert combined["voltage_volts"] == pytest.approx(230.0)
@@ -261,10 +264,10 @@ def test_meter_values_one_and_three_phases(wizard):
 
 
 def test_single_phase_meter_reporting_empty_phases_stays_single(wizard):
-    plan = tuya.plan_for(by_name(wizard, "Main Oven"))
+    plan = scaling.plan_for(by_name(wizard, "Main Oven"))
     dps = din_meter_dps([(230.0, 1.0, 230.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)], 1.0)
-    values, _ = tuya.extract_values(plan, dps)
-    assert set(tuya.combine_phases(values)) == {
+    values, _ = scaling.extract_values(plan, dps)
+    assert set(scaling.combine_phases(values)) == {
         "is_on",
         "energy_kwh",
         "voltage_volts",
@@ -274,20 +277,20 @@ def test_single_phase_meter_reporting_empty_phases_stays_single(wizard):
 
 
 def test_unreadable_dps_are_reported_not_sent(wizard):
-    plan = tuya.plan_for(by_name(wizard, "Kettle"))
+    plan = scaling.plan_for(by_name(wizard, "Kettle"))
     dps = {"1": "on", "18": None, "19": "lots", "20": 2401, "17": 3}
-    values, problems = tuya.extract_values(plan, dps)
+    values, problems = scaling.extract_values(plan, dps)
     assert values == {"voltage_volts": 240.1}
     assert len(problems) == 3 and all(p.startswith("DP ") for p in problems)
 
 
 def test_values_outside_physical_sense_are_dropped():
-    ranges = tuya.parse_ranges(load_settings(env={}, local_path="/nonexistent").tuya_ranges)
+    ranges = scaling.parse_ranges(load_settings(env={}, local_path="/nonexistent").tuya_ranges)
     values = {"power_watts": 4400.0, "voltage_volts": 40.0, "current_amps": 0.2, "is_on": 1.0}
-    kept, dropped = tuya.check_ranges(values, ranges["plug"])
+    kept, dropped = scaling.check_ranges(values, ranges["plug"])
     assert kept == {"current_amps": 0.2, "is_on": 1.0}
     assert [line.split()[0] for line in dropped] == ["power_watts", "voltage_volts"]
-    kept, dropped = tuya.check_ranges(
+    kept, dropped = scaling.check_ranges(
         {"l2_voltage_volts": 500.0, "energy_kwh": -1.0}, ranges["meter"]
     )
     assert kept == {} and len(dropped) == 2
@@ -296,13 +299,13 @@ def test_values_outside_physical_sense_are_dropped():
 def test_power_above_voltage_times_current_is_the_classic_scaling_mistake():
     # 400 W read for a 40 W plug (power taken as whole watts instead of W x10).
     wrong = {"power_watts": 400.0, "voltage_volts": 240.0, "current_amps": 0.17, "is_on": 1.0}
-    kept, dropped = tuya.check_apparent_power(wrong)
+    kept, dropped = scaling.check_apparent_power(wrong)
     assert kept == {"voltage_volts": 240.0, "is_on": 1.0}
     assert "disagree" in dropped[0]
     right = {"power_watts": 40.0, "voltage_volts": 240.0, "current_amps": 0.17}
-    assert tuya.check_apparent_power(right) == (right, [])
+    assert scaling.check_apparent_power(right) == (right, [])
     low_power_factor = {"power_watts": 3.0, "voltage_volts": 240.0, "current_amps": 0.05}
-    assert tuya.check_apparent_power(low_power_factor)[1] == []
+    assert scaling.check_apparent_power(low_power_factor)[1] == []
 
 
 @pytest.mark.parametrize(
@@ -316,7 +319,7 @@ def test_power_above_voltage_times_current_is_the_classic_scaling_mistake():
 )
 def test_bad_ranges_are_a_config_error(raw, message):
     with pytest.raises(ConfigError, match=message):
-        tuya.parse_ranges(raw)
+        scaling.parse_ranges(raw)
 
 
 # --- announcements -------------------------------------------------------------------------
@@ -325,8 +328,8 @@ def test_bad_ranges_are_a_config_error(raw, message):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_announcements_of_every_version_decode(version):
     device = SimulatedTuyaDevice("bf0123456789abcdefghij", KEY, version, host="127.0.0.1")
-    announcement = tuya.parse_announcement(device.announcement(), "127.0.0.99")
-    assert announcement == tuya.Announcement(
+    announcement = link.parse_announcement(device.announcement(), "127.0.0.99")
+    assert announcement == link.Announcement(
         "bf0123456789abcdefghij", "127.0.0.1", version, device.product_key
     )
 
@@ -334,9 +337,9 @@ def test_announcements_of_every_version_decode(version):
 def test_garbage_datagrams_are_not_announcements():
     rng = random.Random(7)
     for size in (0, 1, 20, 100, 600):
-        assert tuya.parse_announcement(bytes(rng.randrange(256) for _ in range(size)), "x") is None
-    assert tuya.parse_announcement(b'{"gwId": 5}', "127.0.0.1") is None
-    assert tuya.parse_announcement(b"\x00" * 5000, "127.0.0.1") is None
+        assert link.parse_announcement(bytes(rng.randrange(256) for _ in range(size)), "x") is None
+    assert link.parse_announcement(b'{"gwId": 5}', "127.0.0.1") is None
+    assert link.parse_announcement(b"\x00" * 5000, "127.0.0.1") is None
 
 
 def test_listening_hears_devices_and_stops_once_all_wanted_are_heard(free_udp_port):
@@ -347,7 +350,7 @@ def test_listening_hears_devices_and_stops_once_all_wanted_are_heard(free_udp_po
 
     async def scenario():
         listening = asyncio.ensure_future(
-            tuya.listen_for_announcements(
+            link.listen_for_announcements(
                 "127.0.0.1", [free_udp_port], NO_HANG_S, {d.dev_id for d in devices}
             )
         )
@@ -395,7 +398,7 @@ def test_secret_filter_scrubs_messages_arguments_and_tracebacks():
 
 
 def test_tinytuya_device_repr_leaves_the_key_out():
-    client = tuya._Client("bfa1b2c3d4e5f6a7b8c9zz", "127.0.0.1", KEY, version=3.3)
+    client = link._Client("bfa1b2c3d4e5f6a7b8c9zz", "127.0.0.1", KEY, version=3.3)
     assert KEY not in repr(client)
     assert KEY in tinytuya.OutletDevice.__repr__(client)  # why _Client overrides it
     client.close()
@@ -406,7 +409,7 @@ def test_tinytuya_device_repr_leaves_the_key_out():
 
 @pytest.fixture
 def connect():
-    made: list[tuya.TuyaConnection] = []
+    made: list[link.TuyaConnection] = []
 
     def _connect(device: SimulatedTuyaDevice, key: str = KEY, version=None, plan=None, **kw):
         raw = {
@@ -416,14 +419,14 @@ def connect():
             "category": "cz",
             "mapping": MAPPED_PLUG,
         }
-        device_entry = tuya.parse_entry(raw)
+        device_entry = devicefile.parse_entry(raw)
         kw.setdefault("timeout_s", TIMEOUT_S)
-        connection = tuya.TuyaConnection(
+        connection = link.TuyaConnection(
             device_entry,
             device.host,
             device.port,
             device.version if version is None else version,
-            plan or tuya.plan_for(device_entry),
+            plan or scaling.plan_for(device_entry),
             **kw,
         )
         made.append(connection)
@@ -459,12 +462,12 @@ def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
 def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
     serve(device)
-    with pytest.raises(tuya.TuyaError) as info:
+    with pytest.raises(link.TuyaError) as info:
         connect(device, key=OTHER_KEY).read()
     message = str(info.value)
     assert "wrong local key" in message and version in message
     assert KEY not in message and OTHER_KEY not in message
-    assert not isinstance(info.value, tuya.NoAnswer)
+    assert not isinstance(info.value, link.NoAnswer)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -472,7 +475,7 @@ def test_hung_device_is_no_answer_within_the_timeout(version, hosts, serve, conn
     device = make_plug(next(hosts), version, mode="hang")
     serve(device)
     started = time.monotonic()
-    with pytest.raises(tuya.NoAnswer, match="no answer"):
+    with pytest.raises(link.NoAnswer, match="no answer"):
         connect(device).read()
     assert time.monotonic() - started < NO_HANG_S
 
@@ -481,7 +484,7 @@ def test_hung_device_is_no_answer_within_the_timeout(version, hosts, serve, conn
 def test_garbage_is_an_error_not_a_crash(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="garbage")
     serve(device)
-    with pytest.raises(tuya.TuyaError, match=r"garbled|wrong local key"):
+    with pytest.raises(link.TuyaError, match=r"garbled|wrong local key"):
         connect(device).read()
 
 
@@ -490,11 +493,11 @@ def test_busy_device_is_left_alone_for_the_backoff(version, hosts, serve, connec
     device = make_plug(next(hosts), version, mode="busy")
     serve(device)
     connection = connect(device, busy_backoff_s=3600)
-    with pytest.raises(tuya.DeviceBusy, match="another client"):
+    with pytest.raises(link.DeviceBusy, match="another client"):
         connection.read()
     attempts = device.counts["reject"]
     device.mode = "normal"
-    with pytest.raises(tuya.DeviceBusy, match="left alone"):
+    with pytest.raises(link.DeviceBusy, match="left alone"):
         connection.read()
     assert device.counts["reject"] == attempts and "connect" not in device.counts
 
@@ -531,11 +534,11 @@ def test_unknown_version_is_detected(version, hosts, serve, connect):
 def test_plug_without_mapping_is_read_with_the_usual_dps(hosts, serve, connect):
     device = make_plug(next(hosts), "3.3", dps=plug_dps(40.0, legacy=True), mode="stale")
     serve(device)
-    plan = tuya.plan_for(entry())
+    plan = scaling.plan_for(entry())
     connection = connect(device, plan=plan)
     dps = connection.read()
-    assert connection.plan.kind == tuya.PLUG
-    values, _ = tuya.extract_values(connection.plan, dps)
+    assert connection.plan.kind == scaling.PLUG
+    values, _ = scaling.extract_values(connection.plan, dps)
     assert values["power_watts"] == 40.0 and values["current_amps"] == 0.167
 
 
@@ -547,9 +550,9 @@ def test_a_second_poll_while_one_hangs_fails_at_once(hosts, serve, connect):
     async def scenario():
         first = asyncio.ensure_future(connection.poll())
         await asyncio.sleep(0.1)
-        with pytest.raises(tuya.NoAnswer, match="previous answer"):
+        with pytest.raises(link.NoAnswer, match="previous answer"):
             await connection.poll()
-        with pytest.raises(tuya.NoAnswer):
+        with pytest.raises(link.NoAnswer):
             await first
 
     asyncio.run(scenario())
@@ -557,12 +560,12 @@ def test_a_second_poll_while_one_hangs_fails_at_once(hosts, serve, connect):
 
 def test_refuses_what_would_make_tinytuya_scan_or_read_files():
     device = entry()
-    plan = tuya.plan_for(device)
+    plan = scaling.plan_for(device)
     for address in ("", "Auto", "0.0.0.0"):
         with pytest.raises(ValueError, match="no address"):
-            tuya.TuyaConnection(device, address, 6668, "3.3", plan, timeout_s=1)
+            link.TuyaConnection(device, address, 6668, "3.3", plan, timeout_s=1)
     with pytest.raises(ValueError, match="no local key"):
-        tuya.TuyaConnection(entry(key=""), "127.0.0.1", 6668, "3.3", plan, timeout_s=1)
+        link.TuyaConnection(entry(key=""), "127.0.0.1", 6668, "3.3", plan, timeout_s=1)
 
 
 def test_power_dps_a_device_never_reports_do_not_cost_a_refresh_each_read(
@@ -574,10 +577,10 @@ def test_power_dps_a_device_never_reports_do_not_cost_a_refresh_each_read(
         next(e for e in raw if e["id"] == meter_entry.id), host=next(hosts), version="3.4", port=0
     )
     serve(meter)
-    connection = connect(meter, key=meter_entry.key, plan=tuya.plan_for(meter_entry))
+    connection = connect(meter, key=meter_entry.key, plan=scaling.plan_for(meter_entry))
     for _ in range(3):
         meter.set_dps(din_meter_dps([(230.0 + _, 1.0, 230.0)], 1.0), push=False)
-        values, _problems = tuya.extract_values(connection.plan, connection.read())
+        values, _problems = scaling.extract_values(connection.plan, connection.read())
         assert values["l1_voltage_volts"] == 230.0 + _
     assert meter.counts["UPDATEDPS"] == 1  # the first read learns it has phase A only
 
@@ -591,8 +594,8 @@ def test_a_device_that_never_answers_updatedps_is_not_asked_again():
             SilentClient.calls += 1
             return None  # tinytuya after waiting its timeout for a report
 
-    connection = tuya.TuyaConnection(
-        entry(), "127.0.0.1", 6668, "3.3", tuya.plan_for(entry()), timeout_s=1
+    connection = link.TuyaConnection(
+        entry(), "127.0.0.1", 6668, "3.3", scaling.plan_for(entry()), timeout_s=1
     )
     try:
         for _ in range(5):
@@ -623,16 +626,16 @@ def test_a_device_that_never_answers_updatedps_is_not_asked_again():
 def test_a_wrong_type_anywhere_leaves_out_only_that_entry(fields, said):
     good = {"id": "a1", "name": "Good", "key": KEY, "mapping": MAPPED_PLUG, "category": "cz"}
     bad = {"id": "a2", "name": "Bad", "key": KEY, "category": "cz", **fields}
-    entries, problems = tuya.parse_devices([bad, good])
+    entries, problems = devicefile.parse_devices([bad, good])
     assert [entry.id for entry in entries] == ["a1"]
     assert len(problems) == 1 and said in problems[0] and "left out" in problems[0]
     assert not any(KEY in problem or "1234567890123456" in problem for problem in problems)
     # The good entry is planned as usual (the bad one would have raised here).
-    assert tuya.plan_for(entries[0]).measures_power
+    assert scaling.plan_for(entries[0]).measures_power
 
 
 def test_null_fields_are_as_good_as_missing():
-    entry = tuya.parse_entry(
+    entry = devicefile.parse_entry(
         {"id": "a1", "key": None, "name": None, "ip": None, "mapping": None, "category": None}
     )
     assert (entry.key, entry.name, entry.ip, entry.category, dict(entry.mapping)) == (
