@@ -23,7 +23,7 @@ import collector
 import tuya_devicefile as devicefile
 import tuya_link as link
 import tuya_scaling as scaling
-from circuits import Circuit, CircuitReader, CircuitReadError, NoAnswer
+from circuit_model import Circuit, CircuitReader, CircuitReadError, NoAnswer
 from settings import ConfigError
 from state import EnergyIntegrator
 

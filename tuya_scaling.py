@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import circuits
+import circuit_model
 from settings import ConfigError
 from tuya_devicefile import DeviceEntry
 
@@ -446,10 +446,10 @@ def check_ranges(
     phase for ``lN_`` figures) and a line per value dropped. Energy counters
     must not be negative. The circuit collector's check, on one device's figures."""
     limits = {**ranges, "energy_kwh": (0.0, math.inf)}
-    kept, dropped = circuits.check_ranges(values, limits, phases=1)
+    kept, dropped = circuit_model.check_ranges(values, limits, phases=1)
     lines = []
     for metric, value in dropped.items():
-        low, high = circuits.range_for(metric, limits, phases=1) or (-math.inf, math.inf)
+        low, high = circuit_model.range_for(metric, limits, phases=1) or (-math.inf, math.inf)
         lines.append(f"{metric} {value:g} outside {low:g}..{high:g}")
     return kept, lines
 
@@ -492,7 +492,7 @@ def combine_phases(values: Mapping[str, float]) -> dict[str, float]:
         return dict(values)
     if phases == [1]:
         return {_PHASE.sub(r"\2", metric): value for metric, value in values.items()}
-    return circuits.complete_totals(values, phases)
+    return circuit_model.complete_totals(values, phases)
 
 
 def parse_ranges(raw: Any) -> dict[str, dict[str, tuple[float, float]]]:

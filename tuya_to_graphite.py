@@ -34,7 +34,7 @@ import collector
 import tuya_devicefile as devicefile
 import tuya_link as link
 import tuya_scaling as scaling
-from circuits import configured_tuya_circuit_ids
+from circuit_model import configured_tuya_circuit_ids
 from state import EnergyIntegrator
 
 # Samples further apart than this many poll intervals are not bridged when

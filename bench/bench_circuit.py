@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import circuit_sdm
 import collector
-import modbus_meters
+from circuit_model import SerialLine
 from circuit_to_graphite import CircuitCollector
-from circuits import SerialLine
 from settings import load_settings
 from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM630
 
@@ -102,7 +102,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the silent meter's warning is expected
     cycles = 3 if args.quick else args.cycles
-    per_value = {name: len(p.registers) for name, p in modbus_meters.PROFILES.items()}
+    per_value = {name: len(p.registers) for name, p in circuit_sdm.PROFILES.items()}
     print(
         f"{METERS} meters (10 SDM120, 10 SDM630), {cycles} cycles, "
         f"Modbus timeout {MODBUS_TIMEOUT_S} s; "
@@ -158,7 +158,7 @@ def report_serial_wire_time() -> None:
         line = SerialLine("bus", baudrate, "N", 1)
         block_s = per_value_s = 0.0
         for index in range(1, METERS + 1):
-            profile = modbus_meters.PROFILES["sdm630" if index % 2 else "sdm120"]
+            profile = circuit_sdm.PROFILES["sdm630" if index % 2 else "sdm120"]
             for block in profile.blocks:  # request 8 bytes, reply 5 + 2 per register
                 block_s += line.transfer_s(8 + 5 + 2 * block.count)
             per_value_s += len(profile.registers) * line.transfer_s(8 + 5 + 4)

@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import circuits  # noqa: E402
+import circuit_model  # noqa: E402
 from harness.graphite_web import GraphiteWeb  # noqa: E402
 from tools import build_dashboard  # noqa: E402
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "home-electricity.json"
 PLUG_METRICS = ("power_watts", "voltage_volts", "current_amps", "energy_kwh", "is_on")
-CIRCUIT_METRICS = circuits.METRICS
+CIRCUIT_METRICS = circuit_model.METRICS
 HEALTH_METRICS = ("devices_ok", "devices_failed", "spool_lines", "metrics_sent", "poll_seconds")
 RANGES = {"6 h": "now-6h", "1 day": "now-24h", "7 days": "now-7d", "30 days": "now-30d"}
 

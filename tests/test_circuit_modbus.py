@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import circuit_modbus
 import circuit_to_graphite
 import collector
+from circuit_model import CircuitReader
 from circuit_to_graphite import CircuitCollector
-from circuits import CircuitReader
 from settings import ConfigError, load_settings
 from simulators.sdm import (
     ModbusMeterSimulator,
@@ -291,7 +292,7 @@ def test_a_missing_serial_port_is_a_failed_meter_not_a_crash(tmp_path, caplog) -
     assert f"{tmp_path / 'ttyUSB9'} does not exist (adapter unplugged?" in caplog.text
     not_a_tty = tmp_path / "not_a_tty"
     not_a_tty.write_text("")
-    assert "cannot open" in circuit_to_graphite.serial_port_problem(str(not_a_tty))
+    assert "cannot open" in circuit_modbus.serial_port_problem(str(not_a_tty))
 
 
 def test_the_configured_name_wins_after_a_rename(gateway, tmp_path) -> None:

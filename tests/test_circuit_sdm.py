@@ -1,4 +1,4 @@
-"""modbus_meters: Eastron register profiles, float32 decoding, block read plans."""
+"""circuit_sdm: Eastron register profiles, float32 decoding, block read plans."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import modbus_meters
-from modbus_meters import SDM120, SDM630, Block, decode_float32, decode_values, plan_reads
+import circuit_sdm
+from circuit_sdm import SDM120, SDM630, Block, decode_float32, decode_values, plan_reads
 from simulators.sdm import (
     MAX_REGISTERS_PER_REQUEST,
     SimulatedSDM120,
@@ -174,5 +174,5 @@ def test_decode_refuses_short_replies_and_uncovered_values() -> None:
 
 
 def test_profiles_registry() -> None:
-    assert set(modbus_meters.PROFILES) == {"sdm120", "sdm630"}
+    assert set(circuit_sdm.PROFILES) == {"sdm120", "sdm630"}
     assert (SDM120.phases, SDM630.phases) == (1, 3)

@@ -1,4 +1,4 @@
-"""circuits.py without devices: CIRCUITS checking, totals, ranges, names."""
+"""circuit_model.py without devices: CIRCUITS checking, totals, ranges, names."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import circuits as circuits_module
+import circuit_model as circuits_module
 import config
-from circuits import (
+from circuit_model import (
     PHYSICAL_LIMITS,
     Circuit,
     check_ranges,

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import circuit_sdm
 import collector
-import modbus_meters
 from graphite_helper import format_device_name
 from settings import ConfigError, parse_host_port
 
@@ -39,11 +39,11 @@ KINDS = ("modbus-tcp", "modbus-rtu", "tuya")
 MODBUS_TCP_PORT = 502
 TUYA_PROFILES = {"tuya-din": 1, "tuya-din-3p": 3, "tuya-clamp": 1}  # name -> phases
 PROFILE_PHASES = {
-    **{name: profile.phases for name, profile in modbus_meters.PROFILES.items()},
+    **{name: profile.phases for name, profile in circuit_sdm.PROFILES.items()},
     **TUYA_PROFILES,
 }
 PROFILE_KINDS = {
-    **dict.fromkeys(modbus_meters.PROFILES, ("modbus-tcp", "modbus-rtu")),
+    **dict.fromkeys(circuit_sdm.PROFILES, ("modbus-tcp", "modbus-rtu")),
     **dict.fromkeys(TUYA_PROFILES, ("tuya",)),
 }
 # What no meter can report, whatever its model; CIRCUIT_RANGES narrows these.
@@ -211,7 +211,7 @@ def parse_circuit(index: int, entry: Any, profile_ranges: Mapping[str, Any]) -> 
                 connection, MODBUS_TCP_PORT, "connection"
             )
         if kind == "modbus-rtu":
-            baudrate = entry.get("baudrate", modbus_meters.PROFILES[profile].default_baudrate)
+            baudrate = entry.get("baudrate", circuit_sdm.PROFILES[profile].default_baudrate)
             parity = entry.get("parity", "N")
             stopbits = entry.get("stopbits", 1)
             if baudrate not in SERIAL_BAUDRATES or isinstance(baudrate, bool):

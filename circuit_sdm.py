@@ -1,6 +1,6 @@
 """Eastron SDM120 and SDM630 Modbus meters: register maps, decoding, read plans.
 
-Data and pure functions only; the Modbus I/O lives in circuit_to_graphite.py.
+Data and pure functions only; the Modbus I/O lives in circuit_modbus.py.
 
 Eastron meters keep each measurement in input registers (function code 4)
 as an IEEE 754 float32 over two registers, high word first, big-endian. A
