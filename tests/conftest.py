@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
@@ -22,6 +19,7 @@ from harness.graphite_web import GraphiteWeb, GraphiteWebNotFoundError
 from harness.mosquitto import MosquittoBroker, MosquittoNotFoundError
 from harness.relay import CarbonRelayNotFoundError
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator
+from tests.helpers import collector_environment
 
 _NOT_INSTALLED = (
     CarbonNotFoundError,
@@ -37,8 +35,6 @@ class _Server(Protocol):
 
 
 S = TypeVar("S", bound=_Server)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -115,67 +111,11 @@ def fixtures_dir() -> Path:
 # --- A collector script run as users run it: its own process and environment --------
 
 
-def collector_environment(tmp_path: Path, config: str = "", **extra: str) -> dict[str, str]:
-    """The environment for a collector process: its own config_local.py holding
-    ``config`` (never a developer's own), the state dir in tmp_path, then
-    ``extra`` settings."""
-    local = tmp_path / "config_local.py"
-    local.write_text(config)
-    return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(local),
-        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
-        **extra,
-    }
-
-
 @pytest.fixture
 def collector_env(tmp_path: Path) -> dict[str, str]:
     """``collector_environment(tmp_path)``: add a test's own settings with
     ``{**collector_env, "DEVICE_TIMEOUT_S": "3"}``."""
     return collector_environment(tmp_path)
-
-
-def run_collector(
-    script: str, args: Sequence[str], env: dict[str, str], timeout_s: float = 60
-) -> subprocess.CompletedProcess:
-    """Run ``script`` (beside README.md) to its end: stdout and stderr as text."""
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
-def start_collector(
-    script: str, args: Sequence[str], env: dict[str, str], **popen: Any
-) -> subprocess.Popen:
-    """Start ``script`` (beside README.md); stdout and stderr piped, as text,
-    unless ``popen`` says otherwise. Stop it with ``stop_collector``."""
-    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    options.update(popen)
-    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, **options)
-
-
-def stop_collector(process: subprocess.Popen) -> int:
-    """SIGTERM (as systemd stops it), SIGKILL after 20 s; its exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-def carbon_arg(carbon: CarbonServer) -> str:
-    """``--carbon``'s HOST:PORT for a carbon_server."""
-    host, port = carbon.line_address
-    return f"{host}:{port}"
 
 
 # --- Simulated devices on loopback ----------------------------------------------------

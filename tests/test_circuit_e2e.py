@@ -17,7 +17,7 @@ from simulators.sdm import (
     example_sdm120,
     example_sdm630,
 )
-from tests.conftest import carbon_arg, run_collector, start_collector
+from tests.helpers import carbon_arg, run_collector, start_collector
 
 PREFIX = "home.electricity.circuit"
 HEALTH = "home.electricity.health.circuit"

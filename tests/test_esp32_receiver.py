@@ -40,7 +40,7 @@ from meter_accounting import (
 )
 from settings import ConfigError, load_settings
 from simulators.esp32 import SimClock, SimulatedEsp32
-from tests.conftest import collector_environment, run_collector, start_collector, stop_collector
+from tests.helpers import collector_environment, run_collector, start_collector, stop_collector
 
 TOKEN = "test-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

@@ -18,7 +18,7 @@ from simulators.kasa import (
     load_fixture,
     loopback_host,
 )
-from tests.conftest import carbon_arg, run_collector, start_collector, stop_collector
+from tests.helpers import carbon_arg, run_collector, start_collector, stop_collector
 
 PREFIX = "home.electricity.kasa"
 

@@ -97,3 +97,14 @@ def test_every_test_data_file_is_in_the_repository() -> None:
         if path.is_file()
     }
     assert present - tracked == set()
+
+
+def test_tests_share_helpers_through_the_helpers_module_not_conftest() -> None:
+    """conftest.py is pytest's (fixtures); importing it as a module runs it twice."""
+    found = subprocess.run(
+        ["git", "grep", "-n", "-E", "(from|import) (tests\\.)?conftest", "--", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert found == ""

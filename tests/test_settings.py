@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from settings import RANGES, ConfigError, defaults, describe, load_settings, parse_host_port
-from tests.conftest import ROOT, collector_environment, run_collector
+from tests.helpers import ROOT, collector_environment, run_collector
 
 
 def load(tmp_path, env=None, local=None, **overrides):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator, din_meter_dps, plug_dps
-from tests.conftest import collector_environment, run_collector
+from tests.helpers import collector_environment, run_collector
 
 PREFIX = "home.electricity.circuit"
 HEALTH = "home.electricity.health.circuit"

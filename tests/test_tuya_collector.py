@@ -29,7 +29,7 @@ from simulators.tuya import (
     din_meter_dps,
     plug_dps,
 )
-from tests.conftest import carbon_arg, run_collector
+from tests.helpers import carbon_arg, run_collector
 
 PREFIX = "home.electricity.tuya"
 # devices.json has no address and no version for these: the collector learns

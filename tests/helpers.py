@@ -1,0 +1,72 @@
+"""Helpers the tests share (fixtures are in conftest.py): running a collector
+script as users run it, in its own process and environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.carbon import CarbonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collector_environment(tmp_path: Path, config: str = "", **extra: str) -> dict[str, str]:
+    """The environment for a collector process: its own config_local.py holding
+    ``config`` (never a developer's own), the state dir in tmp_path, then
+    ``extra`` settings."""
+    local = tmp_path / "config_local.py"
+    local.write_text(config)
+    return {
+        **os.environ,
+        "ELECTRICITY_CONFIG": str(local),
+        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
+        **extra,
+    }
+
+
+def run_collector(
+    script: str, args: Sequence[str], env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess:
+    """Run ``script`` (beside README.md) to its end: stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def start_collector(
+    script: str, args: Sequence[str], env: dict[str, str], **popen: Any
+) -> subprocess.Popen:
+    """Start ``script`` (beside README.md); stdout and stderr piped, as text,
+    unless ``popen`` says otherwise. Stop it with ``stop_collector``."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    options.update(popen)
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, **options)
+
+
+def stop_collector(process: subprocess.Popen) -> int:
+    """SIGTERM (as systemd stops it), SIGKILL after 20 s; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def carbon_arg(carbon: CarbonServer) -> str:
+    """``--carbon``'s HOST:PORT for a carbon_server."""
+    host, port = carbon.line_address
+    return f"{host}:{port}"
