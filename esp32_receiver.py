@@ -62,7 +62,13 @@ MAX_READINGS_PER_BODY = 1000
 # Whole numbers below 2**53 come through any JSON parser exactly.
 MAX_COUNT = 2**53
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# Real LED meters flash 100 to 100,000 times per kWh; outside that a reading
+# is garbage (1e-300 imp/kWh would make 1e300 kWh of one pulse).
+MIN_IMP_PER_KWH = 100
 MAX_IMP_PER_KWH = 100_000
+# More digits than any float holds (about 1.8e308): refused as a number, and
+# never turned into an int (Python limits int() to 4,300 digits).
+MAX_NUMBER_DIGITS = 310
 MIN_TOKEN_CHARS = 16
 SERVER_THREADS = 4
 # A client's repeated mistakes are logged at warning level once a minute.
@@ -89,6 +95,25 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+class HugeNumber:
+    """A JSON number with more digits than any float holds; the field that
+    holds it is refused by name."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a number of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | HugeNumber:
+    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else int(text)
+
+
+def _parse_float(text: str) -> float | HugeNumber:
+    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else float(text)
+
+
 def parse_body(body: bytes) -> list[MeterReading]:
     """The readings in a POST body: one reading or {"readings": [...]}.
 
@@ -97,7 +122,12 @@ def parse_body(body: bytes) -> list[MeterReading]:
     reading's cumulative count carries its energy).
     """
     try:
-        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        payload = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
     except UnicodeDecodeError:
         raise BadReading("body", "not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -129,7 +159,13 @@ def parse_reading(item: Any, where: str = "") -> MeterReading:
         boot_id=_identifier(where + "boot_id", required("boot_id")),
         seq=_count(where + "seq", required("seq")),
         uptime_ms=_count(where + "uptime_ms", required("uptime_ms")),
-        imp_per_kwh=_number(where + "imp_per_kwh", required("imp_per_kwh"), 0, MAX_IMP_PER_KWH),
+        imp_per_kwh=_number(
+            where + "imp_per_kwh",
+            required("imp_per_kwh"),
+            MIN_IMP_PER_KWH,
+            MAX_IMP_PER_KWH,
+            low_open=False,
+        ),
         pulses_total=_count(where + "pulses_total", required("pulses_total")),
         ts=_optional(item, "ts", where, lambda f, v: _number(f, v, 0, math.inf, low_open=False)),
         last_interval_ms=_optional(
@@ -151,13 +187,19 @@ def _identifier(field: str, value: Any) -> str:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that a float holds and that is not NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _count(field: str, value: Any) -> int:
     """A whole number 0 <= n < 2**53 (an integral float such as 12.0 passes)."""
-    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+    if not _is_finite_number(value) or value != int(value):
         raise BadReading(field, f"must be a whole number, got {_shown(value)}")
     if not 0 <= value < MAX_COUNT:
         raise BadReading(field, f"must be from 0 to 2**53, got {_shown(value)}")
@@ -166,7 +208,7 @@ def _count(field: str, value: Any) -> int:
 
 def _number(field: str, value: Any, low: float, high: float, low_open: bool = True) -> float:
     """A finite number in (low, high] (or [low, high] when not ``low_open``)."""
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise BadReading(field, f"must be a number, got {_shown(value)}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
@@ -452,11 +494,14 @@ class MeterReceiver:
                     " devices; raise it in config_local.py",
                     "device_id",
                 )
+            refused = self._case_clash(new_devices)
+            if refused is not None:
+                return refused
             for reading in readings:
                 applied = self.accounts.apply(reading, received_at)
                 self.runtime.health.count(f"readings_{applied.outcome}")
                 if applied.outcome != ACCEPTED:
-                    self._note_refused(reading, applied.outcome)
+                    self._note_refused(reading, applied.outcome, applied.reason)
                     continue
                 accepted += 1
                 behind_ms = newest_uptime[(reading.device_id, reading.boot_id)] - reading.uptime_ms
@@ -470,15 +515,38 @@ class MeterReceiver:
                 if reading.ts is not None and not own_ts:
                     self.runtime.health.count("timestamps_replaced")
                 segment = self.runtime.names.name_for(reading.device_id, MAIN_METER_NAME)
-                lines.extend(
-                    self.runtime.lines("", meter_values(reading, applied), timestamp, group=segment)
-                )
+                values = meter_values(reading, applied)
+                # A late reading (of an earlier boot, say) raises the total: that
+                # total is sent no earlier than the last one, never back in time.
+                device = self.accounts.devices[reading.device_id]
+                energy_ts = max(timestamp, device.energy_ts)
+                device.energy_ts = energy_ts
+                energy = {"energy_kwh": values.pop("energy_kwh")}
+                lines.extend(self.runtime.lines("", values, timestamp, group=segment))
+                lines.extend(self.runtime.lines("", energy, energy_ts, group=segment))
             self.batcher.add(lines)
         if accepted and not self.first_accepted.is_set():
             self.first_accepted.set()
         return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})
 
-    def _note_refused(self, reading: MeterReading, outcome: str) -> None:
+    def _case_clash(self, new_devices: set[str]) -> Answer | None:
+        """Refuses a new device whose id differs from a known one only in
+        case: device names are case-blind, so both would write one series."""
+        known = {device_id.lower(): device_id for device_id in self.accounts.devices}
+        for device_id in sorted(new_devices):
+            other = known.get(device_id.lower())
+            if other is not None and other != device_id:
+                return _error(
+                    400,
+                    "requests_bad",
+                    f"device_id: {device_id!r} differs from the known device {other!r} only"
+                    " in case, so both would write one series; give it another id",
+                    "device_id",
+                )
+            known[device_id.lower()] = device_id
+        return None
+
+    def _note_refused(self, reading: MeterReading, outcome: str, reason: str = "") -> None:
         where = f"{reading.device_id} boot {reading.boot_id} seq {reading.seq}"
         if outcome == DUPLICATE:
             self.log.debug("%s: seen already; ignored", where)
@@ -488,6 +556,8 @@ class MeterReceiver:
                 where,
                 reading.pulses_total,
             )
+        elif outcome == IMPLAUSIBLE and reason:
+            self.log.warning("%s: %s; reading refused", where, reason)
         elif outcome == IMPLAUSIBLE:
             self.log.warning(
                 "%s: pulses_total %d is more than %g W could make (or imp_per_kwh changed"

@@ -388,10 +388,62 @@ def test_the_state_survives_a_restart_without_double_counting(tmp_path):
 
 
 def test_a_damaged_state_file_starts_empty(tmp_path):
-    (tmp_path / "meter.json").write_text('{"version": 1, "devices": {"esp32-a": {"boots": 3}}}')
-    assert accounts(tmp_path).energy_kwh("esp32-a") is None
     (tmp_path / "meter.json").write_text("not json")
     assert accounts(tmp_path).devices == {}
+    (tmp_path / "meter.json").write_text('{"version": 1, "devices": [1, 2]}')
+    assert accounts(tmp_path).devices == {}
+
+
+WRONG_TYPES = [
+    ("boots", 3),
+    ("boots", ["b"]),
+    ("boots", [{"boot_id": "boot1", "pulses": "50"}]),
+    ("retired_kwh", "lots"),
+    ("retired_kwh", float("nan")),
+    ("retired_boot_ids", 7),
+    ("last", "x"),
+    ("energy_ts", -1),
+]
+
+
+@pytest.mark.parametrize("key, value", WRONG_TYPES)
+def test_a_damaged_device_entry_is_repaired_without_going_back(tmp_path, caplog, key, value):
+    book = accounts(tmp_path)
+    apply(book, reading(1, 50))
+    apply(book, reading(1, 20, boot="boot2"))
+    state = json.loads(json.dumps(book.to_state()))
+    sent_kwh = state["devices"]["esp32-a"]["last"]["energy_kwh"]
+    assert sent_kwh == pytest.approx(0.07)
+    state["devices"]["esp32-a"][key] = value
+    (tmp_path / "meter.json").write_text(json.dumps(state))
+
+    repaired = accounts(tmp_path)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "esp32-a" in r.message]
+    assert len(errors) == 1
+    total = repaired.energy_kwh("esp32-a")
+    assert total >= sent_kwh - 1e-9 or key == "last"  # "last" held the total sent
+    # Posts go on: nothing raises, nothing is counted twice, the total only grows.
+    assert apply(repaired, reading(1, 20, boot="boot2")) == DUPLICATE
+    assert apply(repaired, reading(2, 30, boot="boot2")) == ACCEPTED
+    assert repaired.energy_kwh("esp32-a") == pytest.approx(total + 0.01)
+    json.dumps(repaired.to_state())  # and it saves again
+
+
+def test_a_device_whose_state_has_a_wrong_type_is_answered_not_500(tmp_path, running):
+    receiver = running()
+    assert receiver.post(reading(1, 50))[0] == 200
+    receiver.stop()
+    path = tmp_path / "state" / "esp32" / "meter.json"
+    state = json.loads(path.read_text())
+    state["devices"]["esp32-a"]["boots"][0]["pulses"] = "50"
+    state["devices"]["esp32-a"]["last"]["received_at"] = "yesterday"
+    path.write_text(json.dumps(state))
+    receiver = running()
+    for seq in (2, 3):
+        assert receiver.post(reading(seq, 50 + seq))[0] == 200
+    assert receiver.request("GET", "/api/v1/status")[0] == 200
+    energy = [value for _ts, value in receiver.points("energy_kwh")]
+    assert energy and energy[0] >= 0.05 and energy == sorted(energy)
 
 
 def test_power_from_the_pulse_interval():
@@ -423,6 +475,26 @@ def test_power_from_pulses_over_time_without_intervals():
     assert book.apply(as_reading(reading(2, 15)), 0).power_watts == pytest.approx(1800)
     # No pulse for 10 s: held, but capped by the silence (3.6e6 / 10 s / 1000 = 360 W).
     assert book.apply(as_reading(reading(3, 15)), 0).power_watts == pytest.approx(360)
+
+
+def test_power_from_any_path_is_bounded_by_the_maximum():
+    book = accounts(max_power_watts=25_000)
+    # 3.6 GW from a 1 us interval: refused, nothing of it counted.
+    bounce = apply_full(book, {**reading(1, 10), "last_interval_ms": 0.001})
+    assert bounce.outcome == IMPLAUSIBLE and "last_interval_ms" in bounce.reason
+    assert book.energy_kwh("esp32-a") is None or book.energy_kwh("esp32-a") == 0
+    assert apply(book, reading(1, 10, last_interval_ms=1800)) == ACCEPTED
+    bounce = apply_full(book, {**reading(2, 11), "last_interval_ms": 0.001})
+    assert bounce.outcome == IMPLAUSIBLE
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.010)
+    # Pulses over a short window (within the slack): the average is capped.
+    fast = MeterReading("esp32-a", "boot1", 3, 20_100, 1000, 12)
+    applied = book.apply(fast, 0)
+    assert applied.outcome == ACCEPTED and applied.power_watts <= 25_000
+
+
+def apply_full(book: MeterAccounts, raw: dict):
+    return book.apply(as_reading(raw), 1_800_000_000.0)
 
 
 def test_estimate_power_edges():
@@ -549,6 +621,81 @@ def test_status_page_shows_each_device(running):
     assert device["energy_kwh"] == pytest.approx(0.005)
     assert device["last"]["seq"] == 1 and device["last"]["fw"] == "pulse-reader/1.0"
     assert TOKEN not in json.dumps(page)
+
+
+@pytest.mark.parametrize(
+    "field", ["seq", "uptime_ms", "imp_per_kwh", "pulses_total", "ts", "last_interval_ms", "rssi"]
+)
+@pytest.mark.parametrize("digits", [309, 310, 400, 4_299, 4_301, 20_000])
+def test_huge_numbers_in_any_field_get_400_naming_it(running, field, digits):
+    receiver = running()
+    base = json.dumps(reading(1, 5, ts=int(time.time()), last_interval_ms=1800, rssi=-60))
+    body = json.loads(base)
+    body[field] = "@"
+    huge = "9" * digits
+    for text in (huge, "-" + huge, huge + ".5", "0." + huge, "1e999"):
+        raw = json.dumps(body).replace('"@"', text).encode()
+        status, answer = receiver.post(raw)
+        assert status == 400 and answer["field"] == field, (text[:20], answer)
+        batch = json.dumps({"readings": [body]}).replace('"@"', text).encode()
+        status, answer = receiver.post(batch)
+        assert status == 400 and answer["field"] == f"readings[0].{field}"
+    assert receiver.receiver.counters["readings_accepted"] == 0
+
+
+@pytest.mark.parametrize("imp_per_kwh", [1e-300, 0.5, 99, 100_001, 1e300])
+def test_meter_constants_no_meter_has_are_refused(running, imp_per_kwh):
+    receiver = running()
+    status, answer = receiver.post({**reading(1, 5), "imp_per_kwh": imp_per_kwh})
+    assert status == 400 and answer["field"] == "imp_per_kwh"
+    for good in (100, 100_000):
+        raw = {**reading(1, 5, boot=f"b{good}"), "imp_per_kwh": good}
+        assert receiver.post(raw) == (200, {"ok": True, "seq": 1, "accepted": 1})
+
+
+def test_a_bouncing_pulse_interval_is_no_3_gigawatts(running):
+    receiver = running()
+    assert receiver.post({**reading(1, 5), "last_interval_ms": 0.001})[0] == 200
+    assert receiver.post(reading(2, 6, last_interval_ms=1800))[0] == 200
+    assert receiver.receiver.counters["readings_implausible"] == 1
+    power = [value for _ts, value in receiver.points("power_watts")]
+    assert power == [2000.0]
+
+
+def test_late_readings_of_an_earlier_boot_never_take_energy_back_in_time(running):
+    receiver = running()
+    now = int(time.time())
+    assert receiver.post(reading(1, 100, boot="a", ts=now - 100))[0] == 200
+    # The device rebooted; boot b's first readings arrive before boot a's last.
+    assert receiver.post(reading(1, 10, boot="b", ts=now - 10))[0] == 200
+    assert receiver.post(reading(2, 150, boot="a", ts=now - 60))[0] == 200
+    assert (
+        receiver.post(
+            {"readings": [reading(2, 20, boot="b", ts=now), reading(3, 160, boot="a", ts=now - 50)]}
+        )[0]
+        == 200
+    )
+    points = receiver.points("energy_kwh")
+    latest: dict[int, float] = {}
+    for timestamp, value in points:  # what whisper keeps: the last value per second
+        latest[timestamp] = value
+    series = [latest[timestamp] for timestamp in sorted(latest)]
+    assert series == sorted(series), points
+    assert series[-1] == pytest.approx(0.18)
+
+
+def test_device_ids_differing_only_in_case_are_refused(running):
+    receiver = running()
+    assert receiver.post(reading(1, 5, device="Meter-1"))[0] == 200
+    status, answer = receiver.post(reading(1, 7, device="meter-1"))
+    assert status == 400 and answer["field"] == "device_id"
+    assert "Meter-1" in answer["error"] and "case" in answer["error"]
+    status, answer = receiver.post(
+        {"readings": [reading(1, 7, device="x1"), reading(1, 7, device="X1")]}
+    )
+    assert status == 400 and answer["field"] == "device_id"
+    assert receiver.post(reading(2, 6, device="Meter-1"))[0] == 200
+    assert [value for _ts, value in receiver.points("energy_kwh")] == [0.005, 0.006]
 
 
 def test_too_many_devices_are_refused(running):
