@@ -82,14 +82,21 @@ class RunningReceiver:
     """The receiver's app under waitress in this process, with its state in
     ``state_dir`` (so a new one over the same dir is a receiver restart)."""
 
-    def __init__(self, state_dir: Path, **overrides: Any) -> None:
+    def __init__(
+        self, state_dir: Path, server_options: dict | None = None, **overrides: Any
+    ) -> None:
         settings = receiver_settings(state_dir, **overrides)
         self.runtime = collector.Runtime(SOURCE, settings)
         self.sink = CapturingSink()
         self.runtime.sink = self.sink
         self.receiver = MeterReceiver(self.runtime, check_tokens(settings))
         self.server = ReceiverServer(
-            create_app(self.receiver), "127.0.0.1", 0, settings.esp32_max_body_bytes
+            create_app(self.receiver),
+            "127.0.0.1",
+            0,
+            settings.esp32_max_body_bytes,
+            on_dropped=self.receiver.dropped_connection,
+            **(server_options or {}),
         )
         self.url = f"{self.server.url}/api/v1/readings"
 
@@ -568,6 +575,108 @@ def test_broken_http_gets_a_4xx_not_a_5xx(running):
             sock.sendall(request)
             status_line = sock.makefile("rb").readline()
         assert status_line.split()[1] == b"400", (request, status_line)
+
+
+class SlowClients:
+    """``count`` connections that each start a POST and then send one header
+    line every ``every_s`` (or nothing at all), as a slow-loris client does."""
+
+    def __init__(self, port: int, count: int, every_s: float | None = 1.0) -> None:
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if every_s is not None:
+                sock.sendall(b"POST /api/v1/readings HTTP/1.1\r\nHost: x\r\n")
+            self.sockets.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _drip(self, every_s: float | None) -> None:
+        line = 0
+        while every_s is not None and not self._stop.wait(every_s):
+            line += 1
+            for sock in self.sockets:
+                try:
+                    sock.sendall(b"X-Slow-%d: y\r\n" % line)
+                except OSError:
+                    pass  # closed by the server: what it should do
+
+    def still_open(self) -> int:
+        """How many the server has not closed."""
+        open_count = 0
+        for sock in self.sockets:
+            sock.setblocking(False)
+            try:
+                open_count += sock.recv(65536) != b""
+            except BlockingIOError:
+                open_count += 1
+            except OSError:
+                pass
+        return open_count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+
+
+def post_promptly(receiver: RunningReceiver, seq: int, timeout_s: float = 5.0) -> int:
+    """One firmware post on a fresh connection; raises socket.timeout if not answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=timeout_s)
+    try:
+        body = json.dumps(reading(seq, seq)).encode()
+        connection.request("POST", "/api/v1/readings", body=body, headers=HEADERS)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_slow_clients_cannot_starve_posting_devices(running):
+    # 150 connections trickling a header line each second (no token needed)
+    # held every slot of waitress's default 100 for ever: posts waited 40 s+.
+    receiver = running(server_options={"request_deadline_s": 3.0})
+    slow = SlowClients(receiver.server.port, 150, every_s=1.0)
+    try:
+        for seq in range(1, 4):
+            assert post_promptly(receiver, seq) == 200
+        # Each slow connection is closed once its request is over the deadline.
+        deadline = time.monotonic() + 10
+        while slow.still_open() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert slow.still_open() == 0
+        assert post_promptly(receiver, 4) == 200
+    finally:
+        slow.close()
+    assert receiver.receiver.counters["connections_dropped"] == 150
+    assert receiver.receiver.counters["readings_accepted"] == 4
+
+
+@pytest.mark.parametrize("every_s", [1.0, None])
+def test_more_slow_or_idle_clients_than_connections_still_leave_room(running, every_s):
+    # More connections than the limit, trickling or silent: the one waiting
+    # longest is closed to make room, so a device's post is still answered.
+    receiver = running(server_options={"connection_limit": 40})
+    slow = SlowClients(receiver.server.port, 120, every_s=every_s)
+    try:
+        for seq in range(1, 4):
+            assert post_promptly(receiver, seq) == 200
+    finally:
+        slow.close()
+    assert receiver.receiver.counters["connections_dropped"] >= 120 - 40
+
+
+def test_a_10_mb_body_gets_413_not_a_reset(running):
+    receiver = running()
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=10)
+    try:
+        connection.request("POST", "/api/v1/readings", body=b"x" * 10_000_000, headers=HEADERS)
+        response = connection.getresponse()
+        assert response.status == 413
+    finally:
+        connection.close()
+    assert post_promptly(receiver, 1) == 200
 
 
 def test_a_token_may_post_only_for_its_own_device(running):
