@@ -330,17 +330,26 @@ class MeterAccounts:
             self.devices[device.device_id] = device
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _whole(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{value!r} is not a whole number")
+        raise ValueError(f"{_shown(value)} is not a whole number")
     return value
 
 
 def _finite(value: Any, low: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{value!r} is not a number")
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"{value!r} is out of range")
+        raise ValueError(f"{_shown(value)} is not a number")
+    try:
+        finite = math.isfinite(value) and value >= low
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{_shown(value)} is out of range")
     return float(value)
 
 
@@ -416,7 +425,8 @@ def load_device(device_id: str, stored: Any) -> tuple[MeterDevice, str]:
     _restore_last_boot(device)
     # What the unreadable parts held: never count less than was last sent.
     last_sent_kwh = device.last.get("energy_kwh", 0.0)
-    if problems and last_sent_kwh > device.energy_kwh:
+    if last_sent_kwh > device.energy_kwh + 1e-9:
+        problems.append(f"its boots hold less than the {last_sent_kwh:.3f} kWh last sent")
         device.retired_kwh += last_sent_kwh - device.energy_kwh
     return device, "; ".join(problems)
 
