@@ -992,6 +992,49 @@ def test_end_to_end_into_carbon_across_a_receiver_restart(
     assert TOKEN not in first.stderr_path.read_text() + second.stderr_path.read_text()
 
 
+@pytest.mark.slow
+def test_hostile_posts_into_carbon_leave_energy_right(carbon_server, receiver_process, tmp_path):
+    """The script with a real carbon-cache: late readings of an earlier boot, a
+    bouncing interval, numbers beyond any float, a 10 MB body, slow clients."""
+    carbon = f"127.0.0.1:{carbon_server.port}"
+    args = ("--carbon", carbon, "--state-dir", str(tmp_path / "state"), "--interval", "0.2")
+    process = receiver_process(*args)
+    now = int(time.time()) - 600
+
+    def post(body: Any) -> int:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        try:
+            connection.request("POST", "/api/v1/readings", body=data, headers=HEADERS)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    slow = SlowClients(process.port, 130, every_s=1.0)
+    try:
+        assert post(reading(1, 100, boot="a", ts=now)) == 200
+        assert post(reading(1, 10, boot="b", ts=now + 60)) == 200  # rebooted
+        assert post(reading(2, 150, boot="a", ts=now + 30)) == 200  # boot a's last, late
+        assert post({**reading(2, 12, boot="b", ts=now + 70), "last_interval_ms": 0.001}) == 200
+        huge = json.dumps(reading(3, 20, boot="b", ts=now + 80)).replace(
+            '"pulses_total": 20', '"pulses_total": ' + "9" * 5000
+        )
+        assert post(huge.encode()) == 400
+        assert post(b"x" * 10_000_000) == 413
+        assert post(reading(3, 20, boot="b", ts=now + 90)) == 200
+    finally:
+        slow.close()
+    assert process.stop() == 0, process.stderr_path.read_text()
+
+    # Boot a's late total lands on the newest second sent, not back in time.
+    energy = carbon_server.wait_for_points("home.electricity.meter.energy_kwh", count=3)
+    values = [value for _, value in energy]
+    assert values == pytest.approx([0.1, 0.16, 0.17])  # 0.16 at now + 60, not 0.11
+    power = carbon_server.fetch("home.electricity.meter.power_watts")
+    assert all(value <= 100_000 for _, value in power)
+    assert "Traceback" not in process.stderr_path.read_text()
+
+
 def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_process, tmp_path):
     process = receiver_process("--dry-run", "--once", "--interval", "0.2")
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
