@@ -193,11 +193,9 @@ authorizations = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def fuzzed_receiver(tmp_path_factory):
-    receiver = RunningReceiver(
-        tmp_path_factory.mktemp("fuzz"), ESP32_MAX_DEVICES=100_000, ESP32_MAX_BODY_BYTES=4096
-    )
+def module_receiver(state_dir: Path, **overrides: Any):
+    """A receiver kept for the module; at the end, every line that left was valid."""
+    receiver = RunningReceiver(state_dir, ESP32_MAX_DEVICES=100_000, **overrides)
     receiver.start()
     try:
         yield receiver
@@ -205,6 +203,11 @@ def fuzzed_receiver(tmp_path_factory):
         receiver.stop()
         # Every line that left, over the whole module, was a valid Carbon line.
         assert all(is_valid_line(line) for line in receiver.sink.lines)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_receiver(tmp_path_factory):
+    yield from module_receiver(tmp_path_factory.mktemp("fuzz"), ESP32_MAX_BODY_BYTES=4096)
 
 
 @settings(
@@ -402,14 +405,8 @@ huge_numbers = st.builds(
 
 @pytest.fixture(scope="module")
 def roomy_receiver(tmp_path_factory):
-    """A receiver with the default body limit (64 KiB): room for 6,000 digits."""
-    receiver = RunningReceiver(tmp_path_factory.mktemp("huge"), ESP32_MAX_DEVICES=100_000)
-    receiver.start()
-    try:
-        yield receiver
-    finally:
-        receiver.stop()
-        assert all(is_valid_line(line) for line in receiver.sink.lines)
+    """The default body limit (64 KiB): room for 6,000 digits."""
+    yield from module_receiver(tmp_path_factory.mktemp("huge"))
 
 
 @settings(
@@ -503,6 +500,21 @@ def test_energy_never_goes_down_in_time_order_whatever_order_posts_come(
         time.sleep(0.01)
     assert series() == sorted(series())
     assert series()[-1] == pytest.approx(expected_kwh)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.from_regex(r"[A-Za-z0-9]{0,8}[A-Za-z][A-Za-z0-9._:-]{0,8}", fullmatch=True))
+def test_ids_differing_only_in_case_never_share_a_series(fuzzed_receiver, name):
+    device = f"c{next(_devices_made)}-{name}"
+    variant = device.swapcase()
+    first = pl.make_reading(device, "b1", 1, 10_000, 1000, 3)
+    assert fuzzed_receiver.request("POST", "/api/v1/readings", json.dumps(first), HEADERS)[0] == 200
+    other = pl.make_reading(variant, "b1", 1, 10_000, 1000, 7)
+    status, answer = fuzzed_receiver.request("POST", "/api/v1/readings", json.dumps(other), HEADERS)
+    assert (status, answer["field"]) == (400, "device_id")
+    assert fuzzed_receiver.receiver.accounts.energy_kwh(variant) is None
 
 
 @settings(max_examples=200, deadline=None)
