@@ -730,7 +730,9 @@ class _Channel(HTTPChannel):
         result = super().received(data)
         if self.request is None:
             self.request_started = None
-        elif between_requests:
+        elif between_requests and self.request_started is None:
+            # A later request on the connection; the first one's time runs
+            # from the connect, so waiting before the first byte buys nothing.
             self.request_started = time.time()
         return result
 
