@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask, Response, request
 from waitress.adjustments import Adjustments
@@ -714,7 +714,7 @@ class _RequestParser(HTTPRequestParser):
 
 class _Channel(HTTPChannel):
     """One connection: when its request began (for the deadline), and a
-    lingering close after an error answer."""
+    lingering close after an answer that ends the connection (a 413 above all)."""
 
     parser_class = _RequestParser
 
@@ -796,7 +796,9 @@ class _Server(TcpWSGIServer):
 
     channel_class = _Channel
 
-    def __init__(self, *args: Any, on_dropped: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, on_dropped: Callable[[str, str], None] | None = None, **kwargs: Any
+    ) -> None:
         self.on_dropped = on_dropped or (lambda client, why: None)
         self.request_deadline_s = REQUEST_DEADLINE_S
         self.connection_limit = CONNECTION_LIMIT
@@ -861,7 +863,7 @@ class ReceiverServer:
         port: int,
         max_body_bytes: int,
         threads: int = SERVER_THREADS,
-        on_dropped: Any = None,
+        on_dropped: Callable[[str, str], None] | None = None,
         connection_limit: int = CONNECTION_LIMIT,
         request_deadline_s: float = REQUEST_DEADLINE_S,
     ) -> None:
