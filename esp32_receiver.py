@@ -498,7 +498,7 @@ class MeterReceiver:
                     " devices; raise it in config_local.py",
                     "device_id",
                 )
-            refused = self._case_clash(new_devices)
+            refused = self._series_clash(new_devices)
             if refused is not None:
                 return refused
             for reading in readings:
@@ -533,21 +533,40 @@ class MeterReceiver:
             self.first_accepted.set()
         return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})
 
-    def _case_clash(self, new_devices: set[str]) -> Answer | None:
-        """Refuses a new device whose id differs from a known one only in
-        case: device names are case-blind, so both would write one series."""
-        known = {device_id.lower(): device_id for device_id in self.accounts.devices}
+    def _series_clash(self, new_devices: set[str]) -> Answer | None:
+        """Refuses a new device that would write the series of a known one:
+        an id differing only in case (names ignore case), or one whose name
+        comes out the same (``a.b`` and ``ab``). Two ids given one name in
+        DEVICE_NAMES on purpose (a replaced reader) are let through."""
+        names = self.runtime.names
+        writers = {
+            names.name_for(device_id, MAIN_METER_NAME): device_id
+            for device_id in self.accounts.devices
+        }
         for device_id in sorted(new_devices):
-            other = known.get(device_id.lower())
-            if other is not None and other != device_id:
-                return _error(
-                    400,
-                    "requests_bad",
-                    f"device_id: {device_id!r} differs from the known device {other!r} only"
-                    " in case, so both would write one series; give it another id",
-                    "device_id",
+            segment = names.name_for(device_id, MAIN_METER_NAME)
+            other = writers.setdefault(segment, device_id)
+            if other == device_id:
+                continue
+            if other.lower() == device_id.lower():
+                why = f"differs from the known device {other!r} only in case"
+            elif names.overrides.get(device_id.lower()) == segment:
+                self.log.info(
+                    "devices %r and %r both write %s, as DEVICE_NAMES says",
+                    other,
+                    device_id,
+                    segment,
                 )
-            known[device_id.lower()] = device_id
+                continue
+            else:
+                why = f"would write {segment}, the series of the known device {other!r}"
+            return _error(
+                400,
+                "requests_bad",
+                f"device_id: {device_id!r} {why}; give it another id, or a name of its own"
+                " in DEVICE_NAMES",
+                "device_id",
+            )
         return None
 
     def _note_refused(self, reading: MeterReading, outcome: str, reason: str = "") -> None:
