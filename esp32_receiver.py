@@ -341,6 +341,15 @@ def sample_timestamp(
     return int(received_at - behind_ms / 1000), False
 
 
+def energy_timestamp(timestamp: int, last_energy_ts: int) -> int:
+    """When to send a device's energy total: at ``timestamp``, but always
+    after the last total sent. A late reading (of an earlier boot, say) raises
+    the total; sent back at its own time it would make the series go down
+    there. One total per second, so no total overwrites another in whisper,
+    whatever order the lines reach Carbon in."""
+    return max(timestamp, last_energy_ts + 1)
+
+
 def meter_values(reading: MeterReading, applied: Applied) -> dict[str, float | None]:
     """The metrics of one accepted reading (None: not sent)."""
     power_watts = applied.power_watts
@@ -520,11 +529,8 @@ class MeterReceiver:
                     self.runtime.health.count("timestamps_replaced")
                 segment = self.runtime.names.name_for(reading.device_id, MAIN_METER_NAME)
                 values = meter_values(reading, applied)
-                # A late reading (of an earlier boot, say) raises the total: that
-                # total is sent no earlier than the last one, never back in time.
                 device = self.accounts.devices[reading.device_id]
-                energy_ts = max(timestamp, device.energy_ts)
-                device.energy_ts = energy_ts
+                energy_ts = device.energy_ts = energy_timestamp(timestamp, device.energy_ts)
                 energy = {"energy_kwh": values.pop("energy_kwh")}
                 lines.extend(self.runtime.lines("", values, timestamp, group=segment))
                 lines.extend(self.runtime.lines("", energy, energy_ts, group=segment))

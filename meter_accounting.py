@@ -142,8 +142,8 @@ class MeterDevice:
     retired_kwh: float = 0.0
     retired_boot_ids: list[str] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)  # the last accepted reading, for people
-    # The newest timestamp energy_kwh was sent at: a late reading (of an
-    # earlier boot, say) is sent no earlier, so the series never goes down.
+    # The newest timestamp energy_kwh was sent at: the next total is sent
+    # later (esp32_receiver.energy_timestamp), so the series never goes down.
     energy_ts: int = 0
 
     @property

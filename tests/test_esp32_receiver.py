@@ -24,6 +24,7 @@ from esp32_receiver import (
     TokenCheck,
     check_tokens,
     create_app,
+    energy_timestamp,
     parse_body,
     sample_timestamp,
 )
@@ -771,6 +772,13 @@ def test_a_bouncing_pulse_interval_is_no_3_gigawatts(running):
     assert power == [2000.0]
 
 
+def test_energy_timestamps_only_move_forward():
+    assert energy_timestamp(1000, 0) == 1000
+    assert energy_timestamp(1000, 999) == 1000
+    assert energy_timestamp(1000, 1000) == 1001  # never two totals in one second
+    assert energy_timestamp(900, 1000) == 1001  # a late reading's total: after the last
+
+
 def test_late_readings_of_an_earlier_boot_never_take_energy_back_in_time(running):
     receiver = running()
     now = int(time.time())
@@ -1051,10 +1059,14 @@ def test_hostile_posts_into_carbon_leave_energy_right(carbon_server, receiver_pr
         slow.close()
     assert process.stop() == 0, process.stderr_path.read_text()
 
-    # Boot a's late total lands on the newest second sent, not back in time.
-    energy = carbon_server.wait_for_points("home.electricity.meter.energy_kwh", count=3)
-    values = [value for _, value in energy]
-    assert values == pytest.approx([0.1, 0.16, 0.17])  # 0.16 at now + 60, not 0.11
+    # Boot a's late total lands just after the newest second sent, not back in time.
+    energy = carbon_server.wait_for_points("home.electricity.meter.energy_kwh", count=4)
+    assert energy == [
+        (now, pytest.approx(0.1)),
+        (now + 60, pytest.approx(0.11)),
+        (now + 61, pytest.approx(0.16)),  # not 0.16 at now + 30
+        (now + 90, pytest.approx(0.17)),
+    ]
     power = carbon_server.fetch("home.electricity.meter.power_watts")
     assert all(value <= 100_000 for _, value in power)
     assert "Traceback" not in process.stderr_path.read_text()
