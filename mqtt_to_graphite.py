@@ -68,6 +68,8 @@ GLOW_RESET_READINGS = 5
 # this far behind it (a retained or queued message); otherwise the receive time.
 GLOW_MAX_CLOCK_AHEAD_S = 300
 GLOW_MAX_AGE_S = 86400
+# A topic's refused payloads are said at warning level once this often.
+COMPLAINT_INTERVAL_S = 3600.0
 # Devices named at most: a rule that takes its device from a level that keeps
 # changing (a counter, a time) must not grow names.json for ever.
 MAX_DEVICES = 500
@@ -301,6 +303,7 @@ class MessageHandler:
         }
         self._too_many_devices = False
         self._last_heard: dict[str, float] = {}  # device segment -> monotonic time
+        self._complaints: dict[str, float] = {}  # topic -> when its bad payload was last said
 
     @property
     def subscriptions(self) -> list[str]:
@@ -389,11 +392,29 @@ class MessageHandler:
         else:
             outcome = self._rules(topic, payload, int(received))
         self.counts[f"messages_{outcome.status}"] += 1
-        log.debug("%s: %s, %d lines %s", topic, outcome.status, len(outcome.lines), outcome.note)
         now = time.monotonic()
+        shown = topic if len(topic) <= 120 else topic[:117] + "..."
+        if outcome.status == "invalid" and self._first_complaint(topic, now):
+            # The note names what is wrong, never the payload's content.
+            log.warning(
+                "%s: message refused: %s (said once an hour per topic)", shown, outcome.note
+            )
+        else:
+            log.debug(
+                "%s: %s, %d lines %s", shown, outcome.status, len(outcome.lines), outcome.note
+            )
         for device in outcome.devices:
             self._last_heard[device] = now
         return outcome
+
+    def _first_complaint(self, topic: str, now: float) -> bool:
+        """True once an hour per topic (at most 1000 topics remembered)."""
+        if now - self._complaints.get(topic, -math.inf) < COMPLAINT_INTERVAL_S:
+            return False
+        if len(self._complaints) >= 1000:
+            self._complaints.clear()
+        self._complaints[topic] = now
+        return True
 
     def _glow_kind(self, levels: Sequence[str]) -> str:
         """'electricitymeter', 'gasmeter', 'STATE', or '' for a topic that is not Glow's."""

@@ -401,8 +401,12 @@ def test_device_names_may_join_two_devices_on_purpose(tmp_path: Path, caplog) ->
         ("glow/ABC/SENSOR/electricitymeter", b"\xc3\x28 not utf-8"),
     ],
 )
-def test_hostile_payloads_are_counted_never_a_line(topic: str, payload: bytes) -> None:
+def test_hostile_payloads_are_counted_never_a_line(topic: str, payload: bytes, caplog) -> None:
     handler = make_handler(MQTT_PRESETS=["tasmota"])
-    outcome = handler.handle(topic, payload, False, time.time())
-    assert (outcome.status, outcome.lines) == ("invalid", [])
-    assert handler.counts["messages_invalid"] == 1
+    for _ in range(3):
+        outcome = handler.handle(topic, payload, False, time.time())
+        assert (outcome.status, outcome.lines) == ("invalid", [])
+    assert handler.counts["messages_invalid"] == 3
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "message refused" in warnings[0]  # said once
+    assert len(warnings[0]) < 400  # neither a huge topic nor the payload in the log
