@@ -24,17 +24,20 @@ import ipaddress
 import json
 import math
 import re
+import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-import waitress
 from flask import Flask, Response, request
+from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
+from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 from waitress.utilities import BadRequest as WaitressBadRequest
 from waitress.utilities import ServerNotImplemented
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -62,7 +65,13 @@ MAX_READINGS_PER_BODY = 1000
 # Whole numbers below 2**53 come through any JSON parser exactly.
 MAX_COUNT = 2**53
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# Real LED meters flash 100 to 100,000 times per kWh; outside that a reading
+# is garbage (1e-300 imp/kWh would make 1e300 kWh of one pulse).
+MIN_IMP_PER_KWH = 100
 MAX_IMP_PER_KWH = 100_000
+# More digits than any float holds (about 1.8e308): refused as a number, and
+# never turned into an int (Python limits int() to 4,300 digits).
+MAX_NUMBER_DIGITS = 310
 MIN_TOKEN_CHARS = 16
 SERVER_THREADS = 4
 # A client's repeated mistakes are logged at warning level once a minute.
@@ -89,6 +98,25 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+class HugeNumber:
+    """A JSON number with more digits than any float holds; the field that
+    holds it is refused by name."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a number of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | HugeNumber:
+    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else int(text)
+
+
+def _parse_float(text: str) -> float | HugeNumber:
+    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else float(text)
+
+
 def parse_body(body: bytes) -> list[MeterReading]:
     """The readings in a POST body: one reading or {"readings": [...]}.
 
@@ -97,7 +125,12 @@ def parse_body(body: bytes) -> list[MeterReading]:
     reading's cumulative count carries its energy).
     """
     try:
-        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        payload = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
     except UnicodeDecodeError:
         raise BadReading("body", "not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -129,7 +162,13 @@ def parse_reading(item: Any, where: str = "") -> MeterReading:
         boot_id=_identifier(where + "boot_id", required("boot_id")),
         seq=_count(where + "seq", required("seq")),
         uptime_ms=_count(where + "uptime_ms", required("uptime_ms")),
-        imp_per_kwh=_number(where + "imp_per_kwh", required("imp_per_kwh"), 0, MAX_IMP_PER_KWH),
+        imp_per_kwh=_number(
+            where + "imp_per_kwh",
+            required("imp_per_kwh"),
+            MIN_IMP_PER_KWH,
+            MAX_IMP_PER_KWH,
+            low_open=False,
+        ),
         pulses_total=_count(where + "pulses_total", required("pulses_total")),
         ts=_optional(item, "ts", where, lambda f, v: _number(f, v, 0, math.inf, low_open=False)),
         last_interval_ms=_optional(
@@ -151,13 +190,19 @@ def _identifier(field: str, value: Any) -> str:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that a float holds and that is not NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _count(field: str, value: Any) -> int:
     """A whole number 0 <= n < 2**53 (an integral float such as 12.0 passes)."""
-    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+    if not _is_finite_number(value) or value != int(value):
         raise BadReading(field, f"must be a whole number, got {_shown(value)}")
     if not 0 <= value < MAX_COUNT:
         raise BadReading(field, f"must be from 0 to 2**53, got {_shown(value)}")
@@ -166,7 +211,7 @@ def _count(field: str, value: Any) -> int:
 
 def _number(field: str, value: Any, low: float, high: float, low_open: bool = True) -> float:
     """A finite number in (low, high] (or [low, high] when not ``low_open``)."""
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise BadReading(field, f"must be a number, got {_shown(value)}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
@@ -296,6 +341,15 @@ def sample_timestamp(
     return int(received_at - behind_ms / 1000), False
 
 
+def energy_timestamp(timestamp: int, last_energy_ts: int) -> int:
+    """When to send a device's energy total: at ``timestamp``, but always
+    after the last total sent. A late reading (of an earlier boot, say) raises
+    the total; sent back at its own time it would make the series go down
+    there. One total per second, so no total overwrites another in whisper,
+    whatever order the lines reach Carbon in."""
+    return max(timestamp, last_energy_ts + 1)
+
+
 def meter_values(reading: MeterReading, applied: Applied) -> dict[str, float | None]:
     """The metrics of one accepted reading (None: not sent)."""
     power_watts = applied.power_watts
@@ -340,6 +394,7 @@ class MeterReceiver:
         "requests_unauthorized",
         "requests_too_large",
         "requests_wrong_type",
+        "connections_dropped",
     )
 
     def __init__(self, runtime: collector.Runtime, tokens: TokenCheck) -> None:
@@ -452,11 +507,14 @@ class MeterReceiver:
                     " devices; raise it in config_local.py",
                     "device_id",
                 )
+            refused = self._series_clash(new_devices)
+            if refused is not None:
+                return refused
             for reading in readings:
                 applied = self.accounts.apply(reading, received_at)
                 self.runtime.health.count(f"readings_{applied.outcome}")
                 if applied.outcome != ACCEPTED:
-                    self._note_refused(reading, applied.outcome)
+                    self._note_refused(reading, applied.outcome, applied.reason)
                     continue
                 accepted += 1
                 behind_ms = newest_uptime[(reading.device_id, reading.boot_id)] - reading.uptime_ms
@@ -470,15 +528,54 @@ class MeterReceiver:
                 if reading.ts is not None and not own_ts:
                     self.runtime.health.count("timestamps_replaced")
                 segment = self.runtime.names.name_for(reading.device_id, MAIN_METER_NAME)
-                lines.extend(
-                    self.runtime.lines("", meter_values(reading, applied), timestamp, group=segment)
-                )
+                values = meter_values(reading, applied)
+                device = self.accounts.devices[reading.device_id]
+                energy_ts = device.energy_ts = energy_timestamp(timestamp, device.energy_ts)
+                energy = {"energy_kwh": values.pop("energy_kwh")}
+                lines.extend(self.runtime.lines("", values, timestamp, group=segment))
+                lines.extend(self.runtime.lines("", energy, energy_ts, group=segment))
             self.batcher.add(lines)
         if accepted and not self.first_accepted.is_set():
             self.first_accepted.set()
         return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})
 
-    def _note_refused(self, reading: MeterReading, outcome: str) -> None:
+    def _series_clash(self, new_devices: set[str]) -> Answer | None:
+        """Refuses a new device that would write the series of a known one:
+        an id differing only in case (names ignore case), or one whose name
+        comes out the same (``a.b`` and ``ab``). Two ids given one name in
+        DEVICE_NAMES on purpose (a replaced reader) are let through."""
+        names = self.runtime.names
+        writers = {
+            names.name_for(device_id, MAIN_METER_NAME): device_id
+            for device_id in self.accounts.devices
+        }
+        for device_id in sorted(new_devices):
+            segment = names.name_for(device_id, MAIN_METER_NAME)
+            other = writers.setdefault(segment, device_id)
+            if other == device_id:
+                continue
+            if other.lower() == device_id.lower():
+                why = f"differs from the known device {other!r} only in case"
+            elif names.overrides.get(device_id.lower()) == segment:
+                self.log.info(
+                    "devices %r and %r both write %s, as DEVICE_NAMES says",
+                    other,
+                    device_id,
+                    segment,
+                )
+                continue
+            else:
+                why = f"would write {segment}, the series of the known device {other!r}"
+            return _error(
+                400,
+                "requests_bad",
+                f"device_id: {device_id!r} {why}; give it another id, or a name of its own"
+                " in DEVICE_NAMES",
+                "device_id",
+            )
+        return None
+
+    def _note_refused(self, reading: MeterReading, outcome: str, reason: str = "") -> None:
         where = f"{reading.device_id} boot {reading.boot_id} seq {reading.seq}"
         if outcome == DUPLICATE:
             self.log.debug("%s: seen already; ignored", where)
@@ -488,6 +585,8 @@ class MeterReceiver:
                 where,
                 reading.pulses_total,
             )
+        elif outcome == IMPLAUSIBLE and reason:
+            self.log.warning("%s: %s; reading refused", where, reason)
         elif outcome == IMPLAUSIBLE:
             self.log.warning(
                 "%s: pulses_total %d is more than %g W could make (or imp_per_kwh changed"
@@ -496,6 +595,13 @@ class MeterReceiver:
                 reading.pulses_total,
                 self.settings.esp32_max_power_watts,
             )
+
+    def dropped_connection(self, client: str, why: str) -> None:
+        """A connection closed for being too slow or to make room (waitress's
+        thread): counted, and said once a minute per client."""
+        with self.lock:
+            self.runtime.health.count("connections_dropped")
+        self._complain(client, "connections_dropped", why)
 
     def _complain(self, client: str, kind: str, message: str) -> None:
         """Log a refused post: a warning once a minute per client and kind."""
@@ -602,6 +708,24 @@ def create_app(receiver: MeterReceiver) -> Flask:
 # --- The server ----------------------------------------------------------------------
 
 
+# A client must send its whole request (headers and body) within this time
+# of connecting or of starting it: one that trickles a header line every few
+# seconds would otherwise hold its connection for ever. A firmware post takes
+# well under a second.
+REQUEST_DEADLINE_S = 10.0
+# A connection between requests is closed after this long without a byte.
+IDLE_TIMEOUT_S = 30.0
+# Connections held at most; at the limit the one waiting longest for its
+# request (or idle longest) is closed to make room, so slow or idle clients
+# can never lock posting devices out.
+CONNECTION_LIMIT = 200
+# After an error answer (413 above all) the rest of the body is read and
+# dropped, up to this much and this long, so the client reads the answer
+# rather than a connection reset.
+DRAIN_MAX_BYTES = 32 * 1024 * 1024
+DRAIN_MAX_S = 10.0
+
+
 class _RequestParser(HTTPRequestParser):
     """waitress answers a Transfer-Encoding it does not know with 501; to a
     client that is just a bad request (and the contract has no 5xx)."""
@@ -614,25 +738,186 @@ class _RequestParser(HTTPRequestParser):
 
 
 class _Channel(HTTPChannel):
+    """One connection: when its request began (for the deadline), and a
+    lingering close after an answer that ends the connection (a 413 above all)."""
+
     parser_class = _RequestParser
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.request_started: float | None = self.creation_time  # None: between requests
+        self.linger_on_close = False
+        self.drain_until: float | None = None
+        self.drained_bytes = 0
+
+    def received(self, data: bytes) -> bool:
+        between_requests = self.request is None
+        result = super().received(data)
+        if self.request is None:
+            self.request_started = None
+        elif between_requests and self.request_started is None:
+            # A later request on the connection; the first one's time runs
+            # from the connect, so waiting before the first byte buys nothing.
+            self.request_started = time.time()
+        return result
+
+    def handle_write(self) -> None:
+        if self.close_when_flushed:
+            # Closing after an answer (an error, or Connection: close): the
+            # client may still be sending a body nobody read, and closing now
+            # would reset the connection before it reads the answer.
+            self.linger_on_close = True
+        super().handle_write()
+
+    def readable(self) -> bool:
+        return self.drain_until is not None or super().readable()
+
+    def writable(self) -> bool:
+        return self.drain_until is None and super().writable()
+
+    def handle_read(self) -> None:
+        if self.drain_until is None:
+            super().handle_read()
+            return
+        try:
+            data = self.recv(self.adj.recv_bytes)
+        except OSError:
+            data = b""
+        self.drained_bytes += len(data)
+        if not data or self.drained_bytes > DRAIN_MAX_BYTES or time.time() > self.drain_until:
+            self.close_now()
+
+    def handle_close(self) -> None:
+        if self.linger_on_close and self.drain_until is None and self.connected:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)  # the answer is out; now read the rest
+            except OSError:
+                self.close_now()
+                return
+            self.drain_until = time.time() + DRAIN_MAX_S
+            self.will_close = False
+            return
+        self.close_now()
+
+    def close_now(self) -> None:
+        self.drain_until = None
+        self.linger_on_close = False
+        if self.socket is not None:
+            super().handle_close()
+
+    def waiting_since(self) -> float | None:
+        """Since when this connection holds a slot without being served
+        (None: a request of it is being served, or it is closing)."""
+        if self.requests or self.will_close or self.close_when_flushed:
+            return None
+        if self.drain_until is not None:
+            return self.drain_until - DRAIN_MAX_S
+        return self.request_started if self.request_started is not None else self.last_activity
+
+
+class _Server(TcpWSGIServer):
+    """waitress's server, with a deadline for each request and room always
+    made for a new connection (see REQUEST_DEADLINE_S, CONNECTION_LIMIT)."""
+
+    channel_class = _Channel
+
+    def __init__(
+        self, *args: Any, on_dropped: Callable[[str, str], None] | None = None, **kwargs: Any
+    ) -> None:
+        self.on_dropped = on_dropped or (lambda client, why: None)
+        self.request_deadline_s = REQUEST_DEADLINE_S
+        self.connection_limit = CONNECTION_LIMIT
+        super().__init__(*args, **kwargs)
+
+    def _channels(self) -> list[_Channel]:
+        """The open connections not already being closed."""
+        return [
+            channel
+            for channel in list(self.active_channels.values())
+            if isinstance(channel, _Channel) and not channel.will_close
+        ]
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle connections (channel_timeout)
+        cutoff = now - self.request_deadline_s
+        for channel in self._channels():
+            if channel.drain_until is not None and now > channel.drain_until:
+                channel.will_close = True
+                channel.drain_until = None
+                channel.linger_on_close = False
+            elif (
+                channel.request_started is not None
+                and channel.request_started < cutoff
+                and not channel.requests
+                and not channel.will_close
+            ):
+                self._drop(channel, f"no whole request within {self.request_deadline_s:g} s")
+
+    def readable(self) -> bool:
+        if self.accepting:
+            self._make_room()
+        return super().readable()
+
+    def _make_room(self) -> None:
+        channels = self._channels()
+        excess = len(channels) - self.connection_limit + 1
+        if excess <= 0:
+            return
+        waiting = sorted(
+            (since, id(channel), channel)
+            for channel in channels
+            if (since := channel.waiting_since()) is not None
+        )
+        for _since, _id, channel in waiting[:excess]:
+            self._drop(channel, f"{self.connection_limit} connections open: the oldest waiting")
+
+    def _drop(self, channel: _Channel, why: str) -> None:
+        channel.will_close = True
+        channel.linger_on_close = False
+        channel.drain_until = None
+        self.on_dropped(str(channel.addr[0]) if channel.addr else "", why)
 
 
 class ReceiverServer:
     """The app under waitress, in a thread of its own; ``stop()`` from any thread."""
 
     def __init__(
-        self, app: Flask, host: str, port: int, max_body_bytes: int, threads: int = SERVER_THREADS
+        self,
+        app: Flask,
+        host: str,
+        port: int,
+        max_body_bytes: int,
+        threads: int = SERVER_THREADS,
+        on_dropped: Callable[[str, str], None] | None = None,
+        connection_limit: int = CONNECTION_LIMIT,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
     ) -> None:
-        self._server = waitress.create_server(
-            app,
+        adj = Adjustments(
             host=host,
             port=port,
             threads=threads,
             max_request_body_size=max_body_bytes,
-            channel_timeout=30,
+            channel_timeout=IDLE_TIMEOUT_S,
+            cleanup_interval=1,  # how often deadlines are checked
+            # waitress's own limit only if making room cannot keep up.
+            connection_limit=connection_limit + 16,
+            asyncore_use_poll=True,  # select() fails past 1024 descriptors
             ident="esp32-receiver",
         )
-        self._server.channel_class = _Channel
+        dispatcher = ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(threads)
+        self._server = _Server(
+            app,
+            {},
+            True,
+            None,
+            dispatcher=dispatcher,
+            adj=adj,
+            sockinfo=adj.listen[0],
+            on_dropped=on_dropped,
+        )
+        self._server.connection_limit = connection_limit
+        self._server.request_deadline_s = request_deadline_s
         self.host = host
         self.port = int(self._server.effective_port)
         self._thread = threading.Thread(target=self._server.run, name="waitress", daemon=True)
@@ -663,7 +948,9 @@ class ReceiverServer:
 
         def close_all() -> None:
             for channel in list(server._map.values()):
-                if isinstance(channel, HTTPChannel):
+                if isinstance(channel, _Channel):
+                    channel.close_now()
+                elif isinstance(channel, HTTPChannel):
                     channel.handle_close()
             server.close()  # the listening socket and the trigger: the loop ends
 
@@ -720,6 +1007,7 @@ def open_receiver(
             settings.esp32_bind,
             settings.esp32_port,
             settings.esp32_max_body_bytes,
+            on_dropped=receiver.dropped_connection,
         )
     except OSError as exc:
         runtime.close()

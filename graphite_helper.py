@@ -20,6 +20,7 @@ fails is counted and never sent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -56,23 +57,57 @@ class InvalidMetric(ValueError):
     """A path, value or timestamp that must never become a Carbon line."""
 
 
+# Letters NFKD does not fold to ASCII: Cyrillic (Russian, Ukrainian,
+# Belarusian, Serbian, Macedonian, Bulgarian), Greek and a few Latin ones.
+# Accented forms (й, ё, ї, ά) decompose to these first.
+_TRANSLITERATION = str.maketrans(
+    {
+        **dict(zip("абвгдезиклмнопрстуфыэ", "abvgdeziklmnoprstufye")),
+        **{"ж": "zh", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch"},
+        **{"ю": "iu", "я": "ia", "ъ": "", "ь": "", "є": "ie", "і": "i", "ґ": "g", "ў": "u"},
+        **{"ђ": "dj", "ј": "j", "љ": "lj", "њ": "nj", "ћ": "c", "џ": "dz", "ѓ": "gj"},
+        **{"ќ": "kj", "ѕ": "dz"},
+        **dict(zip("αβγδεζηικλμνξοπρστυφω", "avgdeziiklmnxoprstyfo")),
+        **{"θ": "th", "χ": "ch", "ψ": "ps", "ς": "s"},
+        **{"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d"},
+        **{"þ": "th", "ı": "i", "ħ": "h", "ŋ": "ng"},
+    }
+)
+# A name whose letters cannot all be written in [a-z0-9_] gets this many hex
+# digits of its hash, so 台所 and 居間 stay two devices, and stay themselves.
+NAME_HASH_DIGITS = 8
+
+
 def format_device_name(name: str, fallback: str = "") -> str:
     """One metric path segment from a free-form name.
 
-    Lowercase ASCII ``[a-z0-9_]``: accents folded (é -> e), spaces and dashes
-    to ``_``, everything else (dots, slashes, newlines, emoji) dropped, repeats
-    collapsed, edges trimmed. An empty result falls back to ``fallback``
-    (formatted the same way), then to ``"unknown"``.
+    Lowercase ASCII ``[a-z0-9_]``: accents folded (é -> e), Cyrillic and
+    Greek transliterated (кухня -> kukhnia), spaces and dashes to ``_``,
+    punctuation, symbols and emoji dropped, repeats collapsed, edges trimmed.
+    Letters or digits that cannot be written so (台所) are replaced by a
+    short stable hash of the whole name (``plug_5d1e0c2a``), so distinct
+    names stay distinct. A name that leaves nothing falls back to
+    ``fallback`` (formatted the same way), then to ``unicode_<hash>``, and
+    an empty name to ``"unknown"``.
     """
-    folded = unicodedata.normalize("NFKD", str(name)).lower()
+    text = str(name)
+    folded = unicodedata.normalize("NFKD", text).lower().translate(_TRANSLITERATION)
     spaced = re.sub(r"[\s\-]+", "_", folded)
     kept = re.sub(r"[^a-z0-9_]", "", spaced)
     segment = re.sub(r"_+", "_", kept).strip("_")
-    if segment:
+    lost = any(
+        unicodedata.category(char)[0] in "LN" and not ("a" <= char <= "z" or "0" <= char <= "9")
+        for char in folded
+    )
+    if segment and not lost:
         return segment
+    digest = hashlib.sha256(unicodedata.normalize("NFC", text).encode("utf-8", "surrogatepass"))
+    name_hash = digest.hexdigest()[:NAME_HASH_DIGITS]
+    if segment:
+        return f"{segment}_{name_hash}"
     if fallback:
         return format_device_name(fallback)
-    return "unknown"
+    return f"unicode_{name_hash}" if text.strip() else "unknown"
 
 
 def is_valid_path(path: str) -> bool:

@@ -20,6 +20,7 @@ Times here are the device's uptime, so none of this needs the device's clock.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Applied:
     outcome: str
     energy_kwh: float | None = None  # the device's cumulative energy after this reading
     power_watts: float | None = None
+    reason: str = ""  # why an implausible reading was refused, for the log
 
 
 def watts_from_interval(imp_per_kwh: float, interval_ms: float) -> float:
@@ -90,19 +92,24 @@ def estimate_power_watts(
     held_watts: float | None,
     silent_ms: float,
     idle_timeout_ms: float,
+    max_power_watts: float = math.inf,
 ) -> float | None:
     """Power now, or None when nothing says it yet.
 
     ``new_pulses`` came in ``window_ms`` (used when the device sends no
     ``last_interval_ms``); ``held_watts`` is the previous estimate, kept while
     no pulse comes; ``silent_ms`` is how long at least since the last pulse.
+    An average over a short window can exceed ``max_power_watts`` only by the
+    pulse slack, so it is capped there (an interval beyond it is refused by
+    the caller).
     """
     if silent_ms >= idle_timeout_ms:
         return 0.0
     if last_interval_ms is not None:
         estimate: float | None = watts_from_interval(imp_per_kwh, last_interval_ms)
     elif new_pulses > 0 and window_ms > 0:
-        estimate = new_pulses * JOULE_MS_PER_KWH / (imp_per_kwh * window_ms)
+        average = new_pulses * JOULE_MS_PER_KWH / (imp_per_kwh * window_ms)
+        estimate = min(average, max_power_watts)
     else:
         estimate = held_watts
     if estimate is not None and silent_ms > 0:
@@ -135,6 +142,9 @@ class MeterDevice:
     retired_kwh: float = 0.0
     retired_boot_ids: list[str] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)  # the last accepted reading, for people
+    # The newest timestamp energy_kwh was sent at: the next total is sent
+    # later (esp32_receiver.energy_timestamp), so the series never goes down.
+    energy_ts: int = 0
 
     @property
     def energy_kwh(self) -> float:
@@ -212,7 +222,11 @@ class MeterAccounts:
             None,
             silent_ms,
             self.idle_timeout_ms,
+            self.max_power_watts,
         )
+        refused = self._implausible_power(reading, power)
+        if refused is not None:
+            return refused
         device.add_boot(
             Boot(
                 boot_id=reading.boot_id,
@@ -250,11 +264,26 @@ class MeterAccounts:
             boot.power_watts,
             silent_ms,
             self.idle_timeout_ms,
+            self.max_power_watts,
         )
+        refused = self._implausible_power(reading, power)
+        if refused is not None:
+            return refused
         boot.seq, boot.uptime_ms, boot.power_watts = reading.seq, reading.uptime_ms, power
         if new_pulses > 0:
             boot.pulses, boot.count_since_ms = reading.pulses_total, reading.uptime_ms
         return Applied(ACCEPTED, power_watts=power)
+
+    def _implausible_power(self, reading: MeterReading, power: float | None) -> Applied | None:
+        """Refuses a reading whose pulse interval means more than the maximum
+        power (a bounce on the LED line, or a garbled field): nothing of it counts."""
+        if power is None or power <= self.max_power_watts:
+            return None
+        return Applied(
+            IMPLAUSIBLE,
+            reason=f"last_interval_ms {reading.last_interval_ms:g} means {power:.4g} W,"
+            f" more than the maximum {self.max_power_watts:g} W",
+        )
 
     def energy_kwh(self, device_id: str) -> float | None:
         device = self.devices.get(device_id)
@@ -273,6 +302,7 @@ class MeterAccounts:
                     "retired_kwh": device.retired_kwh,
                     "retired_boot_ids": list(device.retired_boot_ids),
                     "last": dict(device.last),
+                    "energy_ts": device.energy_ts,
                 }
                 for device_id, device in self.devices.items()
             },
@@ -286,18 +316,142 @@ class MeterAccounts:
             log.error("%s: not an energy state file; starting from empty", self.path)
             return
         for device_id, stored in devices.items():
-            try:
-                self.devices[device_id] = MeterDevice(
-                    device_id=device_id,
-                    boots=[Boot(**boot) for boot in stored["boots"]],
-                    retired_kwh=float(stored["retired_kwh"]),
-                    retired_boot_ids=[str(boot_id) for boot_id in stored["retired_boot_ids"]],
-                    last=dict(stored.get("last") or {}),
-                )
-            except (KeyError, TypeError, ValueError) as exc:
+            device, problem = load_device(str(device_id), stored)
+            if problem:
+                # Said once, at start; the repaired entry is saved with the next reading.
                 log.error(
-                    "%s: device %r unreadable (%s); it starts from 0", self.path, device_id, exc
+                    "%s: device %r: %s; kept its total of %.3f kWh and goes on from there",
+                    self.path,
+                    device_id,
+                    problem,
+                    device.energy_kwh,
                 )
+                self.changed = True
+            self.devices[device.device_id] = device
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{_shown(value)} is not a whole number")
+    return value
+
+
+def _finite(value: Any, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{_shown(value)} is not a number")
+    try:
+        finite = math.isfinite(value) and value >= low
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{_shown(value)} is out of range")
+    return float(value)
+
+
+def load_boot(stored: Any) -> Boot:
+    """A saved boot, every field checked. Raises ValueError."""
+    if not isinstance(stored, dict):
+        raise ValueError("a boot is not an object")
+    if not isinstance(stored.get("boot_id"), str):
+        raise ValueError("a boot has no boot_id")
+    power = stored.get("power_watts")
+    return Boot(
+        boot_id=stored["boot_id"],
+        imp_per_kwh=_finite(stored.get("imp_per_kwh"), low=1e-9),
+        seq=_whole(stored.get("seq")),
+        uptime_ms=_whole(stored.get("uptime_ms")),
+        pulses=_whole(stored.get("pulses")),
+        count_since_ms=_whole(stored.get("count_since_ms")),
+        power_watts=None if power is None else _finite(power),
+    )
+
+
+def load_device(device_id: str, stored: Any) -> tuple[MeterDevice, str]:
+    """A saved device, and what was wrong with it ("" when nothing).
+
+    What is readable is kept; what is not is repaired so the device's total
+    never falls below the last one sent (``last.energy_kwh``): an unreadable
+    boot's energy is folded into ``retired_kwh`` and its id retired, so a late
+    reading of it is not counted again.
+    """
+    device = MeterDevice(device_id)
+    problems = [] if isinstance(stored, dict) else ["not an object"]
+    if not isinstance(stored, dict):
+        stored = {}
+    last = stored.get("last", {})
+    if not isinstance(last, dict):
+        last = {}
+        problems.append("last is not an object")
+    device.last = dict(last)
+    for key in ("received_at", "energy_kwh"):
+        if key in device.last:
+            try:
+                _finite(device.last[key])
+            except ValueError as exc:
+                problems.append(f"last.{key}: {exc}")
+                del device.last[key]
+    retired = stored.get("retired_boot_ids", [])
+    if isinstance(retired, list):
+        device.retired_boot_ids = [boot_id for boot_id in retired if isinstance(boot_id, str)]
+    else:
+        problems.append("retired_boot_ids is not a list")
+    try:
+        device.retired_kwh = _finite(stored.get("retired_kwh", 0.0))
+    except ValueError as exc:
+        problems.append(f"retired_kwh: {exc}")
+    try:
+        device.energy_ts = _whole(stored.get("energy_ts", 0))
+    except ValueError as exc:
+        problems.append(f"energy_ts: {exc}")
+    boots = stored.get("boots", [])
+    if not isinstance(boots, list):
+        boots = []
+        problems.append("boots is not a list")
+    for item in boots:
+        try:
+            device.add_boot(load_boot(item))
+        except ValueError as exc:
+            problems.append(f"boot: {exc}")
+            boot_id = item.get("boot_id") if isinstance(item, dict) else None
+            # The boot of the last reading is restored from it below.
+            if isinstance(boot_id, str) and boot_id != device.last.get("boot_id"):
+                device.retired_boot_ids.append(boot_id)
+    del device.retired_boot_ids[:-RETIRED_BOOT_IDS_KEPT]
+    _restore_last_boot(device)
+    # What the unreadable parts held: never count less than was last sent.
+    last_sent_kwh = device.last.get("energy_kwh", 0.0)
+    if last_sent_kwh > device.energy_kwh + 1e-9:
+        problems.append(f"its boots hold less than the {last_sent_kwh:.3f} kWh last sent")
+        device.retired_kwh += last_sent_kwh - device.energy_kwh
+    return device, "; ".join(problems)
+
+
+def _restore_last_boot(device: MeterDevice) -> None:
+    """The boot of the last accepted reading, from ``last``, when the boots
+    were unreadable: its next readings then count from where it stood."""
+    last = device.last
+    boot_id = last.get("boot_id")
+    if not isinstance(boot_id, str) or device.boot(boot_id) or boot_id in device.retired_boot_ids:
+        return
+    try:
+        boot = load_boot(
+            {
+                "boot_id": boot_id,
+                "imp_per_kwh": last.get("imp_per_kwh"),
+                "seq": last.get("seq"),
+                "uptime_ms": last.get("uptime_ms"),
+                "pulses": last.get("pulses_total"),
+                "count_since_ms": last.get("uptime_ms"),
+            }
+        )
+    except ValueError:
+        return
+    device.add_boot(boot)
 
 
 def _status(reading: MeterReading, applied: Applied, received_at: float) -> dict[str, Any]:

@@ -160,6 +160,17 @@ def _reject_constant(name: str) -> Any:
     raise PayloadError(f"{name} in JSON")
 
 
+# More digits than any float holds: never made an int (Python refuses
+# int() of over 4,300 digits, and the work grows with the square of them).
+MAX_NUMBER_DIGITS = 400
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise PayloadError(f"a number of {len(text)} digits in JSON")
+    return int(text)
+
+
 def payload_text(payload: bytes) -> str:
     """The payload as text: UTF-8, not too large, no NUL. Raises PayloadError."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -177,13 +188,16 @@ def decode_json(payload: bytes) -> Any:
     """A JSON payload, NaN and Infinity refused. Raises PayloadError."""
     text = payload_text(payload)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except RecursionError:
         raise PayloadError("JSON nested too deeply") from None
     except ValueError as exc:
         if isinstance(exc, PayloadError):
             raise
-        raise PayloadError(f"not JSON ({exc.__class__.__name__} at char {exc.pos})") from None
+        where = getattr(exc, "pos", None)
+        raise PayloadError(
+            f"not JSON ({exc.__class__.__name__}{'' if where is None else f' at char {where}'})"
+        ) from None
 
 
 def decode_number(payload: bytes) -> float:

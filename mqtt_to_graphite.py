@@ -23,6 +23,7 @@ retried only every MQTT_AUTH_RETRY_S.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import socket
@@ -67,6 +68,8 @@ GLOW_RESET_READINGS = 5
 # this far behind it (a retained or queued message); otherwise the receive time.
 GLOW_MAX_CLOCK_AHEAD_S = 300
 GLOW_MAX_AGE_S = 86400
+# A topic's refused payloads are said at warning level once this often.
+COMPLAINT_INTERVAL_S = 3600.0
 # Devices named at most: a rule that takes its device from a level that keeps
 # changing (a counter, a time) must not grow names.json for ever.
 MAX_DEVICES = 500
@@ -288,9 +291,19 @@ class MessageHandler:
             ),
             0,
         )
-        self._segments: dict[str, str] = {}  # device id -> metric segment
+        self._segments: dict[tuple[str, str], str] = {}  # (source, device id) -> segment
+        # Which device id writes each segment, kept across restarts, so two
+        # ids that name alike (tele/Kitchen, tele/kitchen) never share a series.
+        self._owners_path = runtime.state_path("mqtt_device_ids.json")
+        owners = read_json(self._owners_path, {}) if self._owners_path else {}
+        self._owners: dict[str, str] = {
+            str(segment): device_id
+            for segment, device_id in (owners.items() if isinstance(owners, dict) else ())
+            if isinstance(device_id, str)
+        }
         self._too_many_devices = False
         self._last_heard: dict[str, float] = {}  # device segment -> monotonic time
+        self._complaints: dict[str, float] = {}  # topic -> when its bad payload was last said
 
     @property
     def subscriptions(self) -> list[str]:
@@ -300,9 +313,9 @@ class MessageHandler:
             glow = [f"{prefix}/+/SENSOR/#", f"{prefix}/+/STATE"]
         return glow + self.rules.subscriptions
 
-    def segment(self, device_id: str) -> str | None:
+    def segment(self, device_id: str, source: str = "glow") -> str | None:
         """A device's metric segment (named once, then remembered); None past MAX_DEVICES."""
-        segment = self._segments.get(device_id)
+        segment = self._segments.get((source, device_id))
         if segment is not None:
             return segment
         if len(self._segments) >= MAX_DEVICES:
@@ -314,8 +327,54 @@ class MessageHandler:
                 )
                 self._too_many_devices = True
             return None
-        segment = self._segments[device_id] = self.runtime.names.name_for(device_id, device_id)
+        segment = self._claim(source, device_id, self.runtime.names.name_for(device_id, device_id))
+        self._segments[source, device_id] = segment
         return segment
+
+    def _claim(self, source: str, device_id: str, segment: str) -> str:
+        """``segment`` for ``device_id`` unless another id writes it already;
+        then a segment of its own (its name and a hash of its id), said once."""
+        owner = self._owners.get(f"{source}.{segment}")
+        if owner is None or owner == device_id:
+            if owner is None:
+                self._owners[f"{source}.{segment}"] = device_id
+                self._save_owners()
+            return segment
+        names = self.runtime.names
+        if names.overrides.get(device_id.lower()) == segment:
+            log.info(
+                "devices %r and %r both write %s.%s, as DEVICE_NAMES says",
+                owner,
+                device_id,
+                source,
+                segment,
+            )
+            return segment
+        suffix = hashlib.sha256(device_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        alias = f"{device_id}#{suffix}"  # a NameMap key of its own, whatever the case
+        own = names.name_for(alias, f"{segment}_{suffix}")
+        if self._owners.get(f"{source}.{own}") == device_id:
+            return own  # found and said on an earlier run
+        self._owners[f"{source}.{own}"] = device_id
+        self._save_owners()
+        log.warning(
+            "devices %r and %r would both write %s.%s: %r writes %s instead",
+            owner,
+            device_id,
+            source,
+            segment,
+            device_id,
+            own,
+        )
+        return own
+
+    def _save_owners(self) -> None:
+        if self._owners_path is None:
+            return
+        try:
+            atomic_write_json(self._owners_path, self._owners)
+        except OSError as exc:
+            log.error("cannot save MQTT device ids to %s: %s", self._owners_path, exc)
 
     @property
     def sources(self) -> list[str]:
@@ -333,11 +392,29 @@ class MessageHandler:
         else:
             outcome = self._rules(topic, payload, int(received))
         self.counts[f"messages_{outcome.status}"] += 1
-        log.debug("%s: %s, %d lines %s", topic, outcome.status, len(outcome.lines), outcome.note)
         now = time.monotonic()
+        shown = topic if len(topic) <= 120 else topic[:117] + "..."
+        if outcome.status == "invalid" and self._first_complaint(topic, now):
+            # The note names what is wrong, never the payload's content.
+            log.warning(
+                "%s: message refused: %s (said once an hour per topic)", shown, outcome.note
+            )
+        else:
+            log.debug(
+                "%s: %s, %d lines %s", shown, outcome.status, len(outcome.lines), outcome.note
+            )
         for device in outcome.devices:
             self._last_heard[device] = now
         return outcome
+
+    def _first_complaint(self, topic: str, now: float) -> bool:
+        """True once an hour per topic (at most 1000 topics remembered)."""
+        if now - self._complaints.get(topic, -math.inf) < COMPLAINT_INTERVAL_S:
+            return False
+        if len(self._complaints) >= 1000:
+            self._complaints.clear()
+        self._complaints[topic] = now
+        return True
 
     def _glow_kind(self, levels: Sequence[str]) -> str:
         """'electricitymeter', 'gasmeter', 'STATE', or '' for a topic that is not Glow's."""
@@ -404,7 +481,7 @@ class MessageHandler:
         by_device: dict[tuple[str, str], dict[str, float]] = {}
         refused = False
         for value in extraction.values:
-            device = self.segment(value.device_id)
+            device = self.segment(value.device_id, value.rule.source)
             if device is None:
                 refused = True
                 continue
@@ -415,6 +492,10 @@ class MessageHandler:
         devices = list(dict.fromkeys(device for _source, device in by_device))
         if extraction.problems:
             return Outcome("invalid", names, devices, lines, "; ".join(extraction.problems))
+        if not lines and extraction.values and not refused:
+            # Figures, but no valid metric path from them (a topic level of
+            # hundreds of characters): counted in values_rejected too.
+            return Outcome("invalid", names, note="no valid metric path for its figures")
         if not lines:
             note = "too many devices" if refused else "none of the rules' figures in it"
             return Outcome("ignored", names, note=note)

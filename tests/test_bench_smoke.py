@@ -59,3 +59,10 @@ def test_run_all_selects_scripts_by_name():
     result = run_bench("bench/run_all.py", "--quick", "no_such_bench", timeout_s=30)
     assert result.returncode == 2
     assert "no benchmark matches no_such_bench" in result.stderr
+
+
+def test_bench_esp32_slow_clients_quick():
+    result = run_bench("bench/bench_esp32_slow_clients.py", "--quick")
+    assert result.returncode == 0, result.stdout + result.stderr
+    answered = re.search(r"posts answered: (\d+) of (\d+)", result.stdout)
+    assert answered and answered.group(1) == answered.group(2) != "0", result.stdout

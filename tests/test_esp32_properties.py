@@ -193,11 +193,9 @@ authorizations = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def fuzzed_receiver(tmp_path_factory):
-    receiver = RunningReceiver(
-        tmp_path_factory.mktemp("fuzz"), ESP32_MAX_DEVICES=100_000, ESP32_MAX_BODY_BYTES=4096
-    )
+def module_receiver(state_dir: Path, **overrides: Any):
+    """A receiver kept for the module; at the end, every line that left was valid."""
+    receiver = RunningReceiver(state_dir, ESP32_MAX_DEVICES=100_000, **overrides)
     receiver.start()
     try:
         yield receiver
@@ -205,6 +203,11 @@ def fuzzed_receiver(tmp_path_factory):
         receiver.stop()
         # Every line that left, over the whole module, was a valid Carbon line.
         assert all(is_valid_line(line) for line in receiver.sink.lines)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_receiver(tmp_path_factory):
+    yield from module_receiver(tmp_path_factory.mktemp("fuzz"), ESP32_MAX_BODY_BYTES=4096)
 
 
 @settings(
@@ -378,6 +381,178 @@ def test_simulated_esp32_energy_survives_everything(events, imp_per_kwh):
         assert energy == sorted(energy)  # a counter that only grows
         if energy:
             assert energy[-1] == pytest.approx(sim.energy_kwh_expected, abs=1e-6)
+
+
+# --- Hostile values: each refused by name, or bounded ----------------------------------------
+
+NUMERIC_FIELDS = [
+    "seq",
+    "uptime_ms",
+    "imp_per_kwh",
+    "pulses_total",
+    "ts",
+    "last_interval_ms",
+    "rssi",
+]
+# Written as JSON text: json.dumps cannot even write an int of over 4,300 digits.
+huge_numbers = st.builds(
+    lambda sign, digits, tail: sign + "9" * digits + tail,
+    st.sampled_from(["", "-"]),
+    st.integers(309, 6000),
+    st.sampled_from(["", ".5", "e10", "e-10", ".0e400"]),
+)
+
+
+@pytest.fixture(scope="module")
+def roomy_receiver(tmp_path_factory):
+    """The default body limit (64 KiB): room for 6,000 digits."""
+    yield from module_receiver(tmp_path_factory.mktemp("huge"))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(field=st.sampled_from(NUMERIC_FIELDS), number=huge_numbers, batch=st.booleans())
+@example(field="pulses_total", number="9" * 4301, batch=False)
+@example(field="imp_per_kwh", number="1" + "0" * 310, batch=True)
+def test_numbers_beyond_any_float_get_400_naming_the_field(roomy_receiver, field, number, batch):
+    item = pl.make_reading("esp32-huge", "b1", 1, 10_000, 1000, 3, ts=NOW, last_interval_ms=900)
+    item["rssi"] = -60
+    item[field] = "@"
+    body = json.dumps({"readings": [item]} if batch else item).replace('"@"', number).encode()
+    status, answer = roomy_receiver.request("POST", "/api/v1/readings", body, HEADERS)
+    assert status == 400, answer
+    assert answer["field"] == (f"readings[0].{field}" if batch else field)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    imp_per_kwh=st.one_of(st.floats(100, 100_000), st.integers(100, 100_000)),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 60_000),  # ms since the last reading
+            st.integers(0, 50),  # new pulses
+            st.one_of(st.none(), st.floats(1e-9, 1e12, allow_nan=False)),  # last_interval_ms
+        ),
+        max_size=20,
+    ),
+)
+def test_power_is_bounded_and_energy_finite_whatever_the_device_says(imp_per_kwh, steps):
+    max_power_watts = 25_000
+    book = MeterAccounts(None, max_power_watts=max_power_watts)
+    uptime_ms, pulses = 0, 0
+    for seq, (elapsed_ms, new_pulses, interval_ms) in enumerate(steps, start=1):
+        uptime_ms, pulses = uptime_ms + elapsed_ms, pulses + new_pulses
+        reading = MeterReading("d", "b", seq, uptime_ms, imp_per_kwh, pulses, None, interval_ms)
+        applied = book.apply(reading, 1_800_000_000.0)
+        if applied.power_watts is not None:
+            assert 0 <= applied.power_watts <= max_power_watts
+        energy_kwh = book.energy_kwh("d") or 0.0
+        # Never more than the maximum power could make, plus each reading's pulse slack.
+        limit_kwh = max_power_watts * uptime_ms / 3.6e9 + 2 * seq / imp_per_kwh
+        assert 0 <= energy_kwh <= limit_kwh + 1e-9
+
+
+_devices_made = iter(range(10**9))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    boots=st.lists(st.integers(1, 5), min_size=1, max_size=3),  # readings per boot
+    order=st.randoms(use_true_random=False),
+    batch_size=st.integers(1, 4),
+)
+def test_energy_never_goes_down_in_time_order_whatever_order_posts_come(
+    fuzzed_receiver, boots, order, batch_size
+):
+    device = f"esp32-order-{next(_devices_made)}"
+    readings = []
+    ts, uptime_ms = NOW - 3000, 0
+    for boot, count in enumerate(boots):
+        pulses, uptime_ms = 0, 0
+        for seq in range(1, count + 1):
+            ts, uptime_ms, pulses = ts + 10, uptime_ms + 10_000, pulses + 5
+            readings.append(
+                pl.make_reading(device, f"b{boot}", seq, uptime_ms, 1000, pulses, ts=ts)
+            )
+    order.shuffle(readings)
+    accepted = 0
+    for start in range(0, len(readings), batch_size):
+        body = json.dumps({"readings": readings[start : start + batch_size]}).encode()
+        status, answer = fuzzed_receiver.request("POST", "/api/v1/readings", body, HEADERS)
+        assert status == 200
+        accepted += answer["accepted"]
+    segment = fuzzed_receiver.receiver.runtime.names.name_for(device)
+    path = f"home.electricity.{segment}.energy_kwh "
+    expected_kwh = 5 * sum(boots) / 1000
+
+    def points() -> list[tuple[int, float]]:
+        found = []
+        for line in list(fuzzed_receiver.sink.lines):
+            if line.startswith(path):
+                _name, value, timestamp = line.split()
+                found.append((int(timestamp), float(value)))
+        return sorted(found)  # in time order, whatever order they were sent in
+
+    # The batcher's own thread may be sending the last lines just now.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(points()) < accepted:
+        fuzzed_receiver.receiver.batcher.flush()
+        time.sleep(0.01)
+    stamps = [timestamp for timestamp, _value in points()]
+    assert len(set(stamps)) == len(stamps) == accepted  # one total a second: none overwritten
+    series = [value for _timestamp, value in points()]
+    assert series == sorted(series)
+    assert series[-1] == pytest.approx(expected_kwh)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.from_regex(r"[A-Za-z0-9]{0,8}[A-Za-z][A-Za-z0-9._:-]{0,8}", fullmatch=True))
+def test_ids_differing_only_in_case_never_share_a_series(fuzzed_receiver, name):
+    device = f"c{next(_devices_made)}-{name}"
+    variant = device.swapcase()
+    first = pl.make_reading(device, "b1", 1, 10_000, 1000, 3)
+    assert fuzzed_receiver.request("POST", "/api/v1/readings", json.dumps(first), HEADERS)[0] == 200
+    other = pl.make_reading(variant, "b1", 1, 10_000, 1000, 7)
+    status, answer = fuzzed_receiver.request("POST", "/api/v1/readings", json.dumps(other), HEADERS)
+    assert (status, answer["field"]) == (400, "device_id")
+    assert fuzzed_receiver.receiver.accounts.energy_kwh(variant) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.sampled_from(["boots", "retired_kwh", "retired_boot_ids", "last", "energy_ts", "*"]),
+    value=json_values,
+    inner=st.booleans(),
+)
+def test_a_damaged_state_entry_never_raises_nor_takes_energy_back(key, value, inner):
+    book = MeterAccounts(None)
+    for seq, pulses in ((1, 40), (2, 50)):
+        book.apply(MeterReading("d", "b1", seq, seq * 10_000, 1000, pulses), 0.0)
+    book.apply(MeterReading("d", "b2", 1, 10_000, 1000, 20), 0.0)
+    state = json.loads(json.dumps(book.to_state()))
+    entry = state["devices"]["d"]
+    if key == "*":
+        state["devices"]["d"] = value
+    elif inner and key == "boots":
+        entry["boots"][0][str(value)[:12] or "pulses"] = value
+        entry["boots"][1]["pulses"] = value
+    else:
+        entry[key] = value
+    restored = MeterAccounts(None)
+    restored._load(state)
+    total = restored.energy_kwh("d") or 0.0
+    if key not in ("*", "last"):  # "last" holds the total sent, kept for repairs
+        assert total >= 0.07 - 1e-9
+    # Posts go on from there, and a repeat of the boot going on adds nothing.
+    restored.apply(MeterReading("d", "b2", 1, 10_000, 1000, 20), 0.0)
+    restored.apply(MeterReading("d", "b2", 2, 20_000, 1000, 25), 0.0)
+    assert (restored.energy_kwh("d") or 0.0) >= total
+    json.dumps(restored.to_state())
 
 
 def test_http_client_sees_json_errors(fuzzed_receiver):

@@ -24,6 +24,7 @@ from esp32_receiver import (
     TokenCheck,
     check_tokens,
     create_app,
+    energy_timestamp,
     parse_body,
     sample_timestamp,
 )
@@ -82,14 +83,21 @@ class RunningReceiver:
     """The receiver's app under waitress in this process, with its state in
     ``state_dir`` (so a new one over the same dir is a receiver restart)."""
 
-    def __init__(self, state_dir: Path, **overrides: Any) -> None:
+    def __init__(
+        self, state_dir: Path, server_options: dict | None = None, **overrides: Any
+    ) -> None:
         settings = receiver_settings(state_dir, **overrides)
         self.runtime = collector.Runtime(SOURCE, settings)
         self.sink = CapturingSink()
         self.runtime.sink = self.sink
         self.receiver = MeterReceiver(self.runtime, check_tokens(settings))
         self.server = ReceiverServer(
-            create_app(self.receiver), "127.0.0.1", 0, settings.esp32_max_body_bytes
+            create_app(self.receiver),
+            "127.0.0.1",
+            0,
+            settings.esp32_max_body_bytes,
+            on_dropped=self.receiver.dropped_connection,
+            **(server_options or {}),
         )
         self.url = f"{self.server.url}/api/v1/readings"
 
@@ -388,10 +396,62 @@ def test_the_state_survives_a_restart_without_double_counting(tmp_path):
 
 
 def test_a_damaged_state_file_starts_empty(tmp_path):
-    (tmp_path / "meter.json").write_text('{"version": 1, "devices": {"esp32-a": {"boots": 3}}}')
-    assert accounts(tmp_path).energy_kwh("esp32-a") is None
     (tmp_path / "meter.json").write_text("not json")
     assert accounts(tmp_path).devices == {}
+    (tmp_path / "meter.json").write_text('{"version": 1, "devices": [1, 2]}')
+    assert accounts(tmp_path).devices == {}
+
+
+WRONG_TYPES = [
+    ("boots", 3),
+    ("boots", ["b"]),
+    ("boots", [{"boot_id": "boot1", "pulses": "50"}]),
+    ("retired_kwh", "lots"),
+    ("retired_kwh", float("nan")),
+    ("retired_boot_ids", 7),
+    ("last", "x"),
+    ("energy_ts", -1),
+]
+
+
+@pytest.mark.parametrize("key, value", WRONG_TYPES)
+def test_a_damaged_device_entry_is_repaired_without_going_back(tmp_path, caplog, key, value):
+    book = accounts(tmp_path)
+    apply(book, reading(1, 50))
+    apply(book, reading(1, 20, boot="boot2"))
+    state = json.loads(json.dumps(book.to_state()))
+    sent_kwh = state["devices"]["esp32-a"]["last"]["energy_kwh"]
+    assert sent_kwh == pytest.approx(0.07)
+    state["devices"]["esp32-a"][key] = value
+    (tmp_path / "meter.json").write_text(json.dumps(state))
+
+    repaired = accounts(tmp_path)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "esp32-a" in r.message]
+    assert len(errors) == 1
+    total = repaired.energy_kwh("esp32-a")
+    assert total >= sent_kwh - 1e-9 or key == "last"  # "last" held the total sent
+    # Posts go on: nothing raises, nothing is counted twice, the total only grows.
+    assert apply(repaired, reading(1, 20, boot="boot2")) == DUPLICATE
+    assert apply(repaired, reading(2, 30, boot="boot2")) == ACCEPTED
+    assert repaired.energy_kwh("esp32-a") == pytest.approx(total + 0.01)
+    json.dumps(repaired.to_state())  # and it saves again
+
+
+def test_a_device_whose_state_has_a_wrong_type_is_answered_not_500(tmp_path, running):
+    receiver = running()
+    assert receiver.post(reading(1, 50))[0] == 200
+    receiver.stop()
+    path = tmp_path / "state" / "esp32" / "meter.json"
+    state = json.loads(path.read_text())
+    state["devices"]["esp32-a"]["boots"][0]["pulses"] = "50"
+    state["devices"]["esp32-a"]["last"]["received_at"] = "yesterday"
+    path.write_text(json.dumps(state))
+    receiver = running()
+    for seq in (2, 3):
+        assert receiver.post(reading(seq, 50 + seq))[0] == 200
+    assert receiver.request("GET", "/api/v1/status")[0] == 200
+    energy = [value for _ts, value in receiver.points("energy_kwh")]
+    assert energy and energy[0] >= 0.05 and energy == sorted(energy)
 
 
 def test_power_from_the_pulse_interval():
@@ -423,6 +483,26 @@ def test_power_from_pulses_over_time_without_intervals():
     assert book.apply(as_reading(reading(2, 15)), 0).power_watts == pytest.approx(1800)
     # No pulse for 10 s: held, but capped by the silence (3.6e6 / 10 s / 1000 = 360 W).
     assert book.apply(as_reading(reading(3, 15)), 0).power_watts == pytest.approx(360)
+
+
+def test_power_from_any_path_is_bounded_by_the_maximum():
+    book = accounts(max_power_watts=25_000)
+    # 3.6 GW from a 1 us interval: refused, nothing of it counted.
+    bounce = apply_full(book, {**reading(1, 10), "last_interval_ms": 0.001})
+    assert bounce.outcome == IMPLAUSIBLE and "last_interval_ms" in bounce.reason
+    assert book.energy_kwh("esp32-a") is None or book.energy_kwh("esp32-a") == 0
+    assert apply(book, reading(1, 10, last_interval_ms=1800)) == ACCEPTED
+    bounce = apply_full(book, {**reading(2, 11), "last_interval_ms": 0.001})
+    assert bounce.outcome == IMPLAUSIBLE
+    assert book.energy_kwh("esp32-a") == pytest.approx(0.010)
+    # Pulses over a short window (within the slack): the average is capped.
+    fast = MeterReading("esp32-a", "boot1", 3, 20_100, 1000, 12)
+    applied = book.apply(fast, 0)
+    assert applied.outcome == ACCEPTED and applied.power_watts <= 25_000
+
+
+def apply_full(book: MeterAccounts, raw: dict):
+    return book.apply(as_reading(raw), 1_800_000_000.0)
 
 
 def test_estimate_power_edges():
@@ -498,6 +578,108 @@ def test_broken_http_gets_a_4xx_not_a_5xx(running):
         assert status_line.split()[1] == b"400", (request, status_line)
 
 
+class SlowClients:
+    """``count`` connections that each start a POST and then send one header
+    line every ``every_s`` (or nothing at all), as a slow-loris client does."""
+
+    def __init__(self, port: int, count: int, every_s: float | None = 1.0) -> None:
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if every_s is not None:
+                sock.sendall(b"POST /api/v1/readings HTTP/1.1\r\nHost: x\r\n")
+            self.sockets.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _drip(self, every_s: float | None) -> None:
+        line = 0
+        while every_s is not None and not self._stop.wait(every_s):
+            line += 1
+            for sock in self.sockets:
+                try:
+                    sock.sendall(b"X-Slow-%d: y\r\n" % line)
+                except OSError:
+                    pass  # closed by the server: what it should do
+
+    def still_open(self) -> int:
+        """How many the server has not closed."""
+        open_count = 0
+        for sock in self.sockets:
+            sock.setblocking(False)
+            try:
+                open_count += sock.recv(65536) != b""
+            except BlockingIOError:
+                open_count += 1
+            except OSError:
+                pass
+        return open_count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+
+
+def post_promptly(receiver: RunningReceiver, seq: int, timeout_s: float = 5.0) -> int:
+    """One firmware post on a fresh connection; raises socket.timeout if not answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=timeout_s)
+    try:
+        body = json.dumps(reading(seq, seq)).encode()
+        connection.request("POST", "/api/v1/readings", body=body, headers=HEADERS)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_slow_clients_cannot_starve_posting_devices(running):
+    # 150 connections trickling a header line each second (no token needed)
+    # held every slot of waitress's default 100 for ever: posts waited 40 s+.
+    receiver = running(server_options={"request_deadline_s": 3.0})
+    slow = SlowClients(receiver.server.port, 150, every_s=1.0)
+    try:
+        for seq in range(1, 4):
+            assert post_promptly(receiver, seq) == 200
+        # Each slow connection is closed once its request is over the deadline.
+        deadline = time.monotonic() + 10
+        while slow.still_open() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert slow.still_open() == 0
+        assert post_promptly(receiver, 4) == 200
+    finally:
+        slow.close()
+    assert receiver.receiver.counters["connections_dropped"] == 150
+    assert receiver.receiver.counters["readings_accepted"] == 4
+
+
+@pytest.mark.parametrize("every_s", [1.0, None])
+def test_more_slow_or_idle_clients_than_connections_still_leave_room(running, every_s):
+    # More connections than the limit, trickling or silent: the one waiting
+    # longest is closed to make room, so a device's post is still answered.
+    receiver = running(server_options={"connection_limit": 40})
+    slow = SlowClients(receiver.server.port, 120, every_s=every_s)
+    try:
+        for seq in range(1, 4):
+            assert post_promptly(receiver, seq) == 200
+    finally:
+        slow.close()
+    assert receiver.receiver.counters["connections_dropped"] >= 120 - 40
+
+
+def test_a_10_mb_body_gets_413_not_a_reset(running):
+    receiver = running()
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=10)
+    try:
+        connection.request("POST", "/api/v1/readings", body=b"x" * 10_000_000, headers=HEADERS)
+        response = connection.getresponse()
+        assert response.status == 413
+    finally:
+        connection.close()
+    assert post_promptly(receiver, 1) == 200
+
+
 def test_a_token_may_post_only_for_its_own_device(running):
     receiver = running(ESP32_TOKEN="", ESP32_DEVICE_TOKENS={"esp32-a": "a-token-0123456789abcdef"})
     own = {"Authorization": "Bearer a-token-0123456789abcdef", "Content-Type": "application/json"}
@@ -549,6 +731,113 @@ def test_status_page_shows_each_device(running):
     assert device["energy_kwh"] == pytest.approx(0.005)
     assert device["last"]["seq"] == 1 and device["last"]["fw"] == "pulse-reader/1.0"
     assert TOKEN not in json.dumps(page)
+
+
+@pytest.mark.parametrize(
+    "field", ["seq", "uptime_ms", "imp_per_kwh", "pulses_total", "ts", "last_interval_ms", "rssi"]
+)
+@pytest.mark.parametrize("digits", [309, 310, 400, 4_299, 4_301, 20_000])
+def test_huge_numbers_in_any_field_get_400_naming_it(running, field, digits):
+    receiver = running()
+    base = json.dumps(reading(1, 5, ts=int(time.time()), last_interval_ms=1800, rssi=-60))
+    body = json.loads(base)
+    body[field] = "@"
+    huge = "9" * digits
+    for text in (huge, "-" + huge, huge + ".5", "0." + huge, "1e999"):
+        raw = json.dumps(body).replace('"@"', text).encode()
+        status, answer = receiver.post(raw)
+        assert status == 400 and answer["field"] == field, (text[:20], answer)
+        batch = json.dumps({"readings": [body]}).replace('"@"', text).encode()
+        status, answer = receiver.post(batch)
+        assert status == 400 and answer["field"] == f"readings[0].{field}"
+    assert receiver.receiver.counters["readings_accepted"] == 0
+
+
+@pytest.mark.parametrize("imp_per_kwh", [1e-300, 0.5, 99, 100_001, 1e300])
+def test_meter_constants_no_meter_has_are_refused(running, imp_per_kwh):
+    receiver = running()
+    status, answer = receiver.post({**reading(1, 5), "imp_per_kwh": imp_per_kwh})
+    assert status == 400 and answer["field"] == "imp_per_kwh"
+    for good in (100, 100_000):
+        raw = {**reading(1, 5, boot=f"b{good}"), "imp_per_kwh": good}
+        assert receiver.post(raw) == (200, {"ok": True, "seq": 1, "accepted": 1})
+
+
+def test_a_bouncing_pulse_interval_is_no_3_gigawatts(running):
+    receiver = running()
+    assert receiver.post({**reading(1, 5), "last_interval_ms": 0.001})[0] == 200
+    assert receiver.post(reading(2, 6, last_interval_ms=1800))[0] == 200
+    assert receiver.receiver.counters["readings_implausible"] == 1
+    power = [value for _ts, value in receiver.points("power_watts")]
+    assert power == [2000.0]
+
+
+def test_energy_timestamps_only_move_forward():
+    assert energy_timestamp(1000, 0) == 1000
+    assert energy_timestamp(1000, 999) == 1000
+    assert energy_timestamp(1000, 1000) == 1001  # never two totals in one second
+    assert energy_timestamp(900, 1000) == 1001  # a late reading's total: after the last
+
+
+def test_late_readings_of_an_earlier_boot_never_take_energy_back_in_time(running):
+    receiver = running()
+    now = int(time.time())
+    assert receiver.post(reading(1, 100, boot="a", ts=now - 100))[0] == 200
+    # The device rebooted; boot b's first readings arrive before boot a's last.
+    assert receiver.post(reading(1, 10, boot="b", ts=now - 10))[0] == 200
+    assert receiver.post(reading(2, 150, boot="a", ts=now - 60))[0] == 200
+    assert (
+        receiver.post(
+            {"readings": [reading(2, 20, boot="b", ts=now), reading(3, 160, boot="a", ts=now - 50)]}
+        )[0]
+        == 200
+    )
+    points = receiver.points("energy_kwh")
+    latest: dict[int, float] = {}
+    for timestamp, value in points:  # what whisper keeps: the last value per second
+        latest[timestamp] = value
+    series = [latest[timestamp] for timestamp in sorted(latest)]
+    assert series == sorted(series), points
+    assert series[-1] == pytest.approx(0.18)
+
+
+def test_device_ids_differing_only_in_case_are_refused(running):
+    receiver = running()
+    assert receiver.post(reading(1, 5, device="Meter-1"))[0] == 200
+    status, answer = receiver.post(reading(1, 7, device="meter-1"))
+    assert status == 400 and answer["field"] == "device_id"
+    assert "Meter-1" in answer["error"] and "case" in answer["error"]
+    status, answer = receiver.post(
+        {"readings": [reading(1, 7, device="x1"), reading(1, 7, device="X1")]}
+    )
+    assert status == 400 and answer["field"] == "device_id"
+    assert receiver.post(reading(2, 6, device="Meter-1"))[0] == 200
+    assert [value for _ts, value in receiver.points("energy_kwh")] == [0.005, 0.006]
+
+
+def test_ids_that_name_alike_are_refused_until_named(running):
+    # "a.b" and "ab" both became meter_ab: two readers' totals in one series.
+    receiver = running()
+    assert receiver.post(reading(1, 5, device="main"))[0] == 200
+    assert receiver.post(reading(1, 5, device="a.b"))[0] == 200
+    for other in ("ab", "a:b"):
+        status, answer = receiver.post(reading(1, 9, device=other))
+        assert status == 400 and answer["field"] == "device_id"
+        assert "'a.b'" in answer["error"] and "DEVICE_NAMES" in answer["error"]
+    assert receiver.receiver.accounts.energy_kwh("ab") is None
+    receiver.stop()
+    named = running(DEVICE_NAMES={"ab": "meter_ab_two"})
+    assert named.post(reading(2, 9, device="ab"))[0] == 200
+    energy = named.points("energy_kwh", segment="meter_ab_two")
+    assert [value for _ts, value in energy] == [0.009]
+
+
+def test_a_replaced_reader_may_be_given_the_same_name(running, caplog):
+    caplog.set_level("INFO")
+    receiver = running(DEVICE_NAMES={"esp32-old": "meter", "esp32-new": "meter"})
+    assert receiver.post(reading(1, 5, device="esp32-old"))[0] == 200
+    assert receiver.post(reading(1, 7, device="esp32-new"))[0] == 200
+    assert "both write meter, as DEVICE_NAMES says" in caplog.text
 
 
 def test_too_many_devices_are_refused(running):
@@ -734,6 +1023,53 @@ def test_end_to_end_into_carbon_across_a_receiver_restart(
     assert carbon_server.wait_for_points("home.electricity.meter.rssi")[-1][1] == -60
     assert carbon_server.wait_for_points("home.electricity.health.esp32.readings_duplicate")
     assert TOKEN not in first.stderr_path.read_text() + second.stderr_path.read_text()
+
+
+@pytest.mark.slow
+def test_hostile_posts_into_carbon_leave_energy_right(carbon_server, receiver_process, tmp_path):
+    """The script with a real carbon-cache: late readings of an earlier boot, a
+    bouncing interval, numbers beyond any float, a 10 MB body, slow clients."""
+    carbon = f"127.0.0.1:{carbon_server.port}"
+    args = ("--carbon", carbon, "--state-dir", str(tmp_path / "state"), "--interval", "0.2")
+    process = receiver_process(*args)
+    now = int(time.time()) - 600
+
+    def post(body: Any) -> int:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        try:
+            connection.request("POST", "/api/v1/readings", body=data, headers=HEADERS)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    slow = SlowClients(process.port, 130, every_s=1.0)
+    try:
+        assert post(reading(1, 100, boot="a", ts=now)) == 200
+        assert post(reading(1, 10, boot="b", ts=now + 60)) == 200  # rebooted
+        assert post(reading(2, 150, boot="a", ts=now + 30)) == 200  # boot a's last, late
+        assert post({**reading(2, 12, boot="b", ts=now + 70), "last_interval_ms": 0.001}) == 200
+        huge = json.dumps(reading(3, 20, boot="b", ts=now + 80)).replace(
+            '"pulses_total": 20', '"pulses_total": ' + "9" * 5000
+        )
+        assert post(huge.encode()) == 400
+        assert post(b"x" * 10_000_000) == 413
+        assert post(reading(3, 20, boot="b", ts=now + 90)) == 200
+    finally:
+        slow.close()
+    assert process.stop() == 0, process.stderr_path.read_text()
+
+    # Boot a's late total lands just after the newest second sent, not back in time.
+    energy = carbon_server.wait_for_points("home.electricity.meter.energy_kwh", count=4)
+    assert energy == [
+        (now, pytest.approx(0.1)),
+        (now + 60, pytest.approx(0.11)),
+        (now + 61, pytest.approx(0.16)),  # not 0.16 at now + 30
+        (now + 90, pytest.approx(0.17)),
+    ]
+    power = carbon_server.fetch("home.electricity.meter.power_watts")
+    assert all(value <= 100_000 for _, value in power)
+    assert "Traceback" not in process.stderr_path.read_text()
 
 
 def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_process, tmp_path):

@@ -18,6 +18,7 @@ from graphite_helper import (
     format_device_name,
     format_line,
     is_valid_line,
+    is_valid_path,
     metric_path,
 )
 
@@ -42,7 +43,32 @@ def test_format_device_name(name, expected):
 
 def test_empty_name_falls_back_to_stable_id():
     assert format_device_name("📺", fallback="50:C7:BF:01:02:03") == "50c7bf010203"
+    assert format_device_name("台所", fallback="50:C7:BF:01:02:03") == "50c7bf010203"
     assert format_device_name("", fallback="") == "unknown"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("кухня", "kukhnia"),
+        ("Спальня", "spalnia"),
+        ("Київ йогурт ёлка", "kiiv_iogurt_elka"),
+        ("Ψυγείο", "psygeio"),
+        ("Straße", "strasse"),
+    ],
+)
+def test_names_in_other_scripts_are_transliterated(name, expected):
+    assert format_device_name(name) == expected
+
+
+def test_names_that_cannot_be_written_stay_distinct_and_stable():
+    # These all became "unknown" (or "plug"): several devices in one series.
+    names = ["台所", "居間", "寝室", "📺", "💡", "!!!", "Plug 台所", "Plug 居間", "plug", "kukhnia"]
+    segments = [format_device_name(name) for name in names]
+    assert len(set(segments)) == len(names)
+    assert all(is_valid_path(segment) for segment in segments)
+    assert segments[0] == format_device_name("台所") == "unicode_1bcb3703"  # the same every run
+    assert segments[6].startswith("plug_") and segments[6] != segments[7]
 
 
 def test_format_line_values():

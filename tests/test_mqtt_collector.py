@@ -331,6 +331,16 @@ def test_every_preset_and_bad_payloads(
             "glow/1A2B3C4D5E6F/SENSOR/electricitymeter",
             b'{"electricitymeter": {"power": {"value": NaN}}}',
         ),
+        # Numbers no float holds, past Python's int() limit too; -Infinity; deep nesting.
+        Message("tele/tasmota_kitchen/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 5000 + b"}}"),
+        Message("tele/tasmota_kitchen/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 400 + b"}}"),
+        Message("tele/tasmota_kitchen/SENSOR", b'{"ENERGY": {"Power": -Infinity}}'),
+        Message("tele/tasmota_kitchen/SENSOR", b"[" * 30_000 + b"]" * 30_000),
+        Message("esp-washer/sensor/power_watts/state", b"9" * 5000),
+        Message(
+            "glow/1A2B3C4D5E6F/SENSOR/electricitymeter",
+            b'{"electricitymeter": {"power": {"value": ' + b"1" * 4301 + b"}}}",
+        ),
     ]
     with Publisher(*mosquitto_broker.address) as publisher:
         publisher.publish_all([sample.message for sample in samples] + bad)
@@ -344,6 +354,41 @@ def test_every_preset_and_bad_payloads(
     assert collector.terminate() == 0
     sent = {p for p in carbon_server.metric_paths() if not p.startswith(HEALTH)}
     assert sent == {f"home.electricity.{path}" for s in samples for path in s.expected}
+
+
+def test_devices_that_name_alike_keep_series_of_their_own(
+    carbon_server: CarbonServer, mosquitto_broker: MosquittoBroker, run_collector
+) -> None:
+    # All three became mqtt.unknown, and Kitchen/kitchen one mqtt.kitchen, without a word.
+    topics = ["кухня", "спальня", "台所", "Kitchen", "kitchen"]
+    expected = ["kukhnia", "spalnia", "unicode_1bcb3703", "kitchen", "kitchen_3171d89a"]
+    for run in range(2):  # and again after a restart, in the other order
+        collector = run_collector(
+            mosquitto_broker.port, carbon_flag(carbon_server), MQTT_PRESETS="tasmota"
+        )
+        collector.wait_log("subscribed to")
+        order = topics if run == 0 else topics[::-1]
+        messages = [
+            Message(f"tele/{topic}/SENSOR", b'{"ENERGY": {"Power": %d}}' % (10 * run + index))
+            for index, topic in enumerate(order)
+        ]
+        with Publisher(*mosquitto_broker.address) as publisher:
+            publisher.publish_all(messages)
+        for index, topic in enumerate(order):
+            segment = expected[topics.index(topic)]
+            path = f"home.electricity.mqtt.{segment}.power_watts"
+            carbon_server.wait_for(
+                lambda path=path, value=10 * run + index: (
+                    value in [v for _t, v in carbon_server.fetch(path)]
+                ),
+                10,
+                path,
+            )
+        assert collector.terminate() == 0
+        warnings = collector.log.count("would both write mqtt.kitchen")
+        assert warnings == (1 if run == 0 else 0), collector.log  # said once, not every start
+    sent = {p for p in carbon_server.metric_paths() if not p.startswith(HEALTH)}
+    assert sent == {f"home.electricity.mqtt.{segment}.power_watts" for segment in expected}
 
 
 # --- --once, --discover, signals ------------------------------------------------------

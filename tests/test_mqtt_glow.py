@@ -329,3 +329,84 @@ def test_devices_are_capped(caplog) -> None:
     assert statuses == ["ok"] * MAX_DEVICES + ["ignored"] * 3
     assert handler.handle("counter/0/power", b"5", False, time.time()).status == "ok"
     assert caplog.text.count("more than 500 devices") == 1
+
+
+def test_devices_in_other_scripts_get_distinct_stable_names(tmp_path: Path) -> None:
+    topics = ["tele/кухня/SENSOR", "tele/спальня/SENSOR", "tele/台所/SENSOR", "tele/居間/SENSOR"]
+    payload = b'{"ENERGY": {"Power": 5}}'
+
+    def segments() -> list[str]:
+        handler = make_handler(tmp_path, dry_run=False, MQTT_PRESETS=["tasmota"])
+        found = []
+        for topic in topics:
+            [line] = handler.handle(topic, payload, False, time.time()).lines
+            found.append(line.split(".")[3])
+        return found
+
+    first = segments()
+    assert first[:2] == ["kukhnia", "spalnia"]
+    assert len(set(first)) == 4 and "unknown" not in first
+    assert segments() == first  # the same after a restart
+
+
+def test_device_ids_that_name_alike_never_share_a_series(tmp_path: Path, caplog) -> None:
+    payload = b'{"ENERGY": {"Power": 5}}'
+    topics = ["tele/Kitchen/SENSOR", "tele/kitchen/SENSOR", "tele/kitchen!/SENSOR"]
+
+    def paths(order: list[str]) -> dict[str, str]:
+        handler = make_handler(tmp_path, dry_run=False, MQTT_PRESETS=["tasmota"])
+        return {
+            topic: handler.handle(topic, payload, False, time.time()).lines[0].split()[0]
+            for topic in order
+        }
+
+    first = paths(topics)
+    assert len(set(first.values())) == 3
+    assert first["tele/Kitchen/SENSOR"] == "home.electricity.mqtt.kitchen.power_watts"
+    assert caplog.text.count("would both write mqtt.kitchen") == 1
+    caplog.clear()
+    assert paths(topics[::-1]) == first  # the same whatever comes first after a restart
+    assert "would both write" not in caplog.text  # said once
+
+
+def test_device_names_may_join_two_devices_on_purpose(tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO")
+    handler = make_handler(
+        tmp_path,
+        dry_run=False,
+        MQTT_PRESETS=["tasmota"],
+        DEVICE_NAMES={"plug_old": "fridge", "plug_new": "fridge"},
+    )
+    payload = b'{"ENERGY": {"Power": 5}}'
+    for topic in ("tele/plug_old/SENSOR", "tele/plug_new/SENSOR"):
+        [line] = handler.handle(topic, payload, False, time.time()).lines
+        assert line.startswith("home.electricity.mqtt.fridge.")
+    assert "as DEVICE_NAMES says" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "topic, payload",
+    [
+        ("tele/plug/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 5000 + b"}}"),
+        ("tele/plug/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 310 + b"}}"),
+        ("tele/plug/SENSOR", b'{"ENERGY": {"Power": "' + b"9" * 5000 + b'"}}'),
+        ("tele/plug/SENSOR", b'{"ENERGY": {"Power": -Infinity}}'),
+        ("tele/plug/SENSOR", b"[" * 30_000 + b"]" * 30_000),
+        ("tele/plug/SENSOR", b'{"ENERGY": {"Power": 5, "x": "\xff\xfe"}}'),
+        ("tele/" + "p" * 600 + "/SENSOR", b'{"ENERGY": {"Power": 5}}'),
+        (
+            "glow/ABC/SENSOR/electricitymeter",
+            b'{"electricitymeter": {"power": {"value": ' + b"1" * 4301 + b"}}}",
+        ),
+        ("glow/ABC/SENSOR/electricitymeter", b"\xc3\x28 not utf-8"),
+    ],
+)
+def test_hostile_payloads_are_counted_never_a_line(topic: str, payload: bytes, caplog) -> None:
+    handler = make_handler(MQTT_PRESETS=["tasmota"])
+    for _ in range(3):
+        outcome = handler.handle(topic, payload, False, time.time())
+        assert (outcome.status, outcome.lines) == ("invalid", [])
+    assert handler.counts["messages_invalid"] == 3
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "message refused" in warnings[0]  # said once
+    assert len(warnings[0]) < 400  # neither a huge topic nor the payload in the log

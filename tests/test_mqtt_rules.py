@@ -107,6 +107,8 @@ def test_bad_plain_numbers_are_refused(payload: bytes) -> None:
         b"\x80\x81binary",
         b'{"a": "\x00"}',
         b"[" * 100_000,  # nested beyond the parser's depth, within the size limit
+        b'{"a": ' + b"9" * 5000 + b"}",  # beyond Python's int() limit
+        b'{"a": -' + b"9" * 401 + b"}",  # more digits than any float holds
         b'{"a": "' + b"x" * MAX_PAYLOAD_BYTES + b'"}',
     ],
 )
