@@ -541,9 +541,9 @@ class MeterReceiver:
 
     def _series_clash(self, new_devices: set[str]) -> Answer | None:
         """Refuses a new device that would write the series of a known one:
-        an id differing only in case (names ignore case), or one whose name
-        comes out the same (``a.b`` and ``ab``). Two ids given one name in
-        DEVICE_NAMES on purpose (a replaced reader) are let through."""
+        an id differing only in case (names ignore case). Ids whose names
+        come out alike (``a.b`` and ``ab``) get names of their own from the
+        name map; this is the last guard that no two ids share a series."""
         names = self.runtime.names
         writers = {
             names.name_for(device_id, MAIN_METER_NAME): device_id
@@ -556,14 +556,6 @@ class MeterReceiver:
                 continue
             if other.lower() == device_id.lower():
                 why = f"differs from the known device {other!r} only in case"
-            elif names.overrides.get(device_id.lower()) == segment:
-                self.log.info(
-                    "devices %r and %r both write %s, as DEVICE_NAMES says",
-                    other,
-                    device_id,
-                    segment,
-                )
-                continue
             else:
                 why = f"would write {segment}, the series of the known device {other!r}"
             return _error(

@@ -342,12 +342,16 @@ class MessageHandler:
             return segment
         names = self.runtime.names
         if names.overrides.get(device_id.lower()) == segment:
+            # A replaced device named as its predecessor: it takes the series
+            # (the name map gives the old one another name).
+            self._owners[f"{source}.{segment}"] = device_id
+            self._save_owners()
             log.info(
-                "devices %r and %r both write %s.%s, as DEVICE_NAMES says",
-                owner,
-                device_id,
+                "%s.%s now belongs to %r, as DEVICE_NAMES says (it was %r)",
                 source,
                 segment,
+                device_id,
+                owner,
             )
             return segment
         suffix = hashlib.sha256(device_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]

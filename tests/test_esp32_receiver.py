@@ -815,29 +815,25 @@ def test_device_ids_differing_only_in_case_are_refused(running):
     assert [value for _ts, value in receiver.points("energy_kwh")] == [0.005, 0.006]
 
 
-def test_ids_that_name_alike_are_refused_until_named(running):
+def test_ids_that_name_alike_keep_series_of_their_own(running):
     # "a.b" and "ab" both became meter_ab: two readers' totals in one series.
     receiver = running()
-    assert receiver.post(reading(1, 5, device="main"))[0] == 200
-    assert receiver.post(reading(1, 5, device="a.b"))[0] == 200
-    for other in ("ab", "a:b"):
-        status, answer = receiver.post(reading(1, 9, device=other))
-        assert status == 400 and answer["field"] == "device_id"
-        assert "'a.b'" in answer["error"] and "DEVICE_NAMES" in answer["error"]
-    assert receiver.receiver.accounts.energy_kwh("ab") is None
-    receiver.stop()
-    named = running(DEVICE_NAMES={"ab": "meter_ab_two"})
-    assert named.post(reading(2, 9, device="ab"))[0] == 200
-    energy = named.points("energy_kwh", segment="meter_ab_two")
-    assert [value for _ts, value in energy] == [0.009]
+    for device in ("main", "a.b", "ab", "a:b"):
+        assert receiver.post(reading(1, 5, device=device))[0] == 200
+    names = receiver.receiver.runtime.names
+    segments = {device: names.name_for(device, "meter") for device in ("main", "a.b", "ab", "a:b")}
+    assert len(set(segments.values())) == 4, segments
+    for segment in segments.values():
+        assert [value for _ts, value in receiver.points("energy_kwh", segment=segment)] == [0.005]
 
 
-def test_a_replaced_reader_may_be_given_the_same_name(running, caplog):
-    caplog.set_level("INFO")
-    receiver = running(DEVICE_NAMES={"esp32-old": "meter", "esp32-new": "meter"})
+def test_a_replaced_reader_named_as_its_predecessor_takes_its_series(running):
+    receiver = running()
     assert receiver.post(reading(1, 5, device="esp32-old"))[0] == 200
-    assert receiver.post(reading(1, 7, device="esp32-new"))[0] == 200
-    assert "both write meter, as DEVICE_NAMES says" in caplog.text
+    receiver.stop()
+    replaced = running(DEVICE_NAMES={"esp32-new": "meter"})
+    assert replaced.post(reading(1, 7, device="esp32-new"))[0] == 200
+    assert [value for _ts, value in replaced.points("energy_kwh", segment="meter")][-1] == 0.007
 
 
 def test_too_many_devices_are_refused(running):

@@ -369,19 +369,25 @@ def test_device_ids_that_name_alike_never_share_a_series(tmp_path: Path, caplog)
     assert "would both write" not in caplog.text  # said once
 
 
-def test_device_names_may_join_two_devices_on_purpose(tmp_path: Path, caplog) -> None:
+def test_a_replaced_device_named_as_its_predecessor_takes_its_series(
+    tmp_path: Path, caplog
+) -> None:
     caplog.set_level("INFO")
-    handler = make_handler(
-        tmp_path,
-        dry_run=False,
-        MQTT_PRESETS=["tasmota"],
-        DEVICE_NAMES={"plug_old": "fridge", "plug_new": "fridge"},
-    )
     payload = b'{"ENERGY": {"Power": 5}}'
-    for topic in ("tele/plug_old/SENSOR", "tele/plug_new/SENSOR"):
-        [line] = handler.handle(topic, payload, False, time.time()).lines
-        assert line.startswith("home.electricity.mqtt.fridge.")
-    assert "as DEVICE_NAMES says" in caplog.text
+    before = make_handler(tmp_path, dry_run=False, MQTT_PRESETS=["tasmota"])
+    [line] = before.handle("tele/fridge/SENSOR", payload, False, time.time()).lines
+    assert line.startswith("home.electricity.mqtt.fridge.")
+    after = make_handler(
+        tmp_path, dry_run=False, MQTT_PRESETS=["tasmota"], DEVICE_NAMES={"plug_new": "fridge"}
+    )
+    [line] = after.handle("tele/plug_new/SENSOR", payload, False, time.time()).lines
+    assert line.startswith("home.electricity.mqtt.fridge.")
+    assert "mqtt.fridge now belongs to 'plug_new', as DEVICE_NAMES says (it was 'fridge')" in (
+        caplog.text
+    )
+    # The old device, should it report again, writes a series of its own.
+    [line] = after.handle("tele/fridge/SENSOR", payload, False, time.time()).lines
+    assert not line.startswith("home.electricity.mqtt.fridge.")
 
 
 @pytest.mark.parametrize(
