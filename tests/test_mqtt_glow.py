@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 import collector
-from mqtt_rules import PayloadError, RuleTable, decode_json
-from mqtt_to_graphite import (
+from mqtt_glow import (
     GLOW_RESET_READINGS,
-    MAX_DEVICES,
-    MessageHandler,
     RegisterGuard,
     glow_timestamp,
     parse_glow_electricity,
@@ -21,6 +18,8 @@ from mqtt_to_graphite import (
     parse_glow_state,
     sample_time,
 )
+from mqtt_rules import PayloadError, RuleTable, decode_json
+from mqtt_to_graphite import MAX_DEVICES, MessageHandler
 from settings import ConfigError, load_settings
 from simulators.glow import SimulatedGlow, load_session, preset_samples, retime
 
