@@ -8,7 +8,7 @@
     GET  /api/v1/status     each device's last reading, for people
 
 Answers 200 {"ok": true, "seq": n}; 400 naming the bad field; 401; 413; 415.
-Energy is accounted in meter_accounting.py (never counted twice); this file
+Energy is accounted in esp32_accounting.py (never counted twice); this file
 checks what arrives, turns accepted readings into Carbon lines
 (``home.electricity.meter.power_kw``, ``power_watts``, ``energy_kwh``,
 ``pulses_total``, ``rssi``) and serves the app with waitress. docs/esp32.md
@@ -43,7 +43,7 @@ from waitress.utilities import ServerNotImplemented
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import collector
-from meter_accounting import (
+from esp32_accounting import (
     ACCEPTED,
     DUPLICATE,
     IMPLAUSIBLE,

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from esp32 import pulse_logic as pl
+from esp32_accounting import MeterAccounts, MeterReading
 from graphite_helper import is_valid_line
-from meter_accounting import MeterAccounts, MeterReading
 from simulators.esp32 import SimClock, SimulatedEsp32
 from tests.test_esp32_receiver import HEADERS, TOKEN, RunningReceiver
 

@@ -16,6 +16,16 @@ import pytest
 
 import collector
 from esp32 import pulse_logic as pl
+from esp32_accounting import (
+    ACCEPTED,
+    BOOTS_KEPT,
+    DUPLICATE,
+    IMPLAUSIBLE,
+    REGRESSION,
+    MeterAccounts,
+    MeterReading,
+    estimate_power_watts,
+)
 from esp32_receiver import (
     SOURCE,
     BadReading,
@@ -29,16 +39,6 @@ from esp32_receiver import (
     sample_timestamp,
 )
 from graphite_helper import is_valid_line
-from meter_accounting import (
-    ACCEPTED,
-    BOOTS_KEPT,
-    DUPLICATE,
-    IMPLAUSIBLE,
-    REGRESSION,
-    MeterAccounts,
-    MeterReading,
-    estimate_power_watts,
-)
 from settings import ConfigError, load_settings
 from simulators.esp32 import SimClock, SimulatedEsp32
 from tests.helpers import collector_environment, run_collector, start_collector, stop_collector
