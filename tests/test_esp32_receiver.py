@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -214,10 +215,10 @@ def test_firmware_readings_and_batches_parse():
 )
 def test_each_bad_field_is_named(change, field):
     raw = {**reading(1, 0), **change}
-    with pytest.raises(BadReading) as caught:
+    with pytest.raises(BadReading, match=f"^{re.escape(field)}: ") as caught:
         parse_body(json.dumps(raw).encode())
     assert caught.value.field == field
-    with pytest.raises(BadReading) as caught:
+    with pytest.raises(BadReading, match=re.escape(f"readings[1].{field}: ")) as caught:
         parse_body(json.dumps({"readings": [reading(1, 0), raw]}).encode())
     assert caught.value.field == f"readings[1].{field}"
 
@@ -238,7 +239,7 @@ def test_each_bad_field_is_named(change, field):
     ],
 )
 def test_malformed_bodies_are_refused(body, field):
-    with pytest.raises(BadReading) as caught:
+    with pytest.raises(BadReading, match=f"^{re.escape(field)}: ") as caught:
         parse_body(body)
     assert caught.value.field == field
 
@@ -250,7 +251,7 @@ def test_non_finite_numbers_are_refused(constant):
         .encode()
         .replace(b'"pulses_total": 0', b'"pulses_total": ' + constant)
     )
-    with pytest.raises(BadReading) as caught:
+    with pytest.raises(BadReading, match=r"^(body|pulses_total): ") as caught:
         parse_body(body)
     assert caught.value.field in ("body", "pulses_total")
 
@@ -295,7 +296,7 @@ def test_weak_tokens_are_refused_without_showing_them(tmp_path):
         {"ESP32_DEVICE_TOKENS": {"esp32-a": "short secret"}},
     ):
         settings = receiver_settings(tmp_path, **overrides)
-        with pytest.raises(ConfigError) as caught:
+        with pytest.raises(ConfigError, match="a token must be at least") as caught:
             check_tokens(settings)
         assert "change-me" not in str(caught.value) and "short secret" not in str(caught.value)
 

@@ -83,13 +83,13 @@ def test_format_line_values():
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "12", None])
 def test_format_line_rejects_non_finite_values(value):
-    with pytest.raises(InvalidMetric):
+    with pytest.raises(InvalidMetric, match=r"^value .* is not (a number|finite)$"):
         format_line("home.x.power_watts", value, TS)
 
 
 @pytest.mark.parametrize("stamp", [TS * 1000, 0, -1, math.nan, "now"])
 def test_format_line_rejects_bad_timestamps(stamp):
-    with pytest.raises(InvalidMetric):
+    with pytest.raises(InvalidMetric, match=r"^timestamp .* is not (a number|whole seconds)"):
         format_line("home.x.power_watts", 1, stamp)
 
 
@@ -97,7 +97,7 @@ def test_format_line_rejects_bad_timestamps(stamp):
     "path", ["home.Kettle.power", "home..power", "home.ket tle.power", ".home", "home.é"]
 )
 def test_bad_paths_rejected(path):
-    with pytest.raises(InvalidMetric):
+    with pytest.raises(InvalidMetric, match=r"^(invalid metric path|line of \d+ bytes)"):
         format_line(path, 1, TS)
 
 

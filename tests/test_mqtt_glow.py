@@ -122,7 +122,7 @@ def test_state_message(session) -> None:
     ],
 )
 def test_malformed_electricity_is_refused(document) -> None:
-    with pytest.raises(PayloadError):
+    with pytest.raises(PayloadError, match=r"."):
         parse_glow_electricity(document)
 
 

@@ -128,7 +128,7 @@ def test_unset_parameters_follow_from_the_set_ones() -> None:
 def test_unknown_parameter_is_refused() -> None:
     with pytest.raises(TypeError, match="total_power_w"):
         SimulatedSDM120().set(total_power_w=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="phase must be 1, 2 or 3, not 4"):
         SimulatedSDM630().set_phase(4, power_w=1.0)
 
 

@@ -117,12 +117,12 @@ def test_phase_round_trip(decivolts, milliamps, watts):
     "args", [(-1.0, 1.0, 1.0), (6553.6, 1.0, 1.0), (230.0, 16777.216, 1.0), (230.0, 1.0, 2**24)]
 )
 def test_encode_phase_rejects_values_that_do_not_fit(args):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not fit in"):
         encode_phase(*args)
 
 
 def test_decode_phase_rejects_wrong_length():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="holds 8 bytes, got 7"):
         decode_phase(base64.b64encode(b"1234567").decode())
 
 
@@ -160,16 +160,16 @@ def test_default_dps_follow_mapping_and_category(wizard_entries):
 
 
 def test_constructor_refuses_what_a_device_cannot_be():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unsupported Tuya protocol version '3\.2'"):
         SimulatedTuyaDevice(DEV_ID, KEY, "3.2")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a 16-character local key"):
         SimulatedTuyaDevice(DEV_ID, "short", "3.3")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown mode 'sleepy'"):
         SimulatedTuyaDevice(DEV_ID, KEY, "3.3", mode="sleepy")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"device22 behaviour exists for protocol 3\.3 and 3\.4"):
         SimulatedTuyaDevice(DEV_ID, KEY, "3.5", device22=True)
     for address in ("192.168.86.20", "10.0.0.1", "0.0.0.0", "example.com"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
             SimulatedTuyaDevice(DEV_ID, KEY, "3.3", host=address)
 
 
@@ -340,7 +340,7 @@ def test_unaddressed_meter_entry_served_on_a_given_host(
     version, wizard_entries, hosts, serve, connect
 ):
     entry = next(e for e in wizard_entries if e.get("category") == "dlq")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has no ip"):
         SimulatedTuyaDevice.from_devices_json(entry)  # no ip, no version
     device = SimulatedTuyaDevice.from_devices_json(
         entry, host=next(hosts), version=version, port=0, mode="stale"
@@ -379,9 +379,9 @@ def test_default_announcement_ports():
 def test_announcements_never_leave_loopback(hosts):
     device = make_plug(next(hosts), "3.3")
     for target in ("255.255.255.255", "192.168.86.255", "10.0.0.255", "8.8.8.8"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="is not a loopback address"):
             device.announce(to=(target, 6667))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a loopback address"):
         TuyaSimulator([device], announce_to=("255.255.255.255", 6667))
 
 
@@ -435,7 +435,7 @@ def test_start_and_stop_many_times_on_the_same_address(hosts, connect):
 def test_a_device_is_served_by_one_simulator_at_a_time(hosts, serve):
     device = make_plug(next(hosts), "3.3")
     serve(device)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="is already served by another simulator"):
         TuyaSimulator([device]).start()
 
 

@@ -68,7 +68,7 @@ def test_integrator_trapezoids_and_gaps(tmp_path):
 
 
 def test_integrator_rejects_non_finite():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not finite"):
         EnergyIntegrator(None, 60).add("p", 1, float("nan"))
 
 
@@ -172,7 +172,7 @@ def test_pinned_name_never_takes_a_configured_one(tmp_path):
 
 
 def test_two_ids_given_one_name_are_refused():
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(ConfigError, match="both named 'kitchen'") as raised:
         NameMap(None, {"50:c7:bf:00:00:01": "kitchen", "50:c7:bf:00:00:02": "Kitchen"})
     assert "50:c7:bf:00:00:01" in str(raised.value) and "50:c7:bf:00:00:02" in str(raised.value)
 

@@ -239,7 +239,7 @@ def test_phase_decoding_known_bytes():
     assert scaling.decode_phase(base64.b64encode(raw).decode()) == (230.0, 1.5, 345.0)
     assert scaling.decode_phase(encode_phase(241.3, 12.345, 2980)) == (241.3, 12.345, 2980.0)
     for bad in ("not base64!", base64.b64encode(b"1234567").decode(), 12):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="phase DP"):
             scaling.decode_phase(bad)
 
 
@@ -462,7 +462,7 @@ def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
 def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
     serve(device)
-    with pytest.raises(link.TuyaError) as info:
+    with pytest.raises(link.TuyaError, match="wrong local key") as info:
         connect(device, key=OTHER_KEY).read()
     message = str(info.value)
     assert "wrong local key" in message and version in message
