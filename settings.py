@@ -13,8 +13,9 @@ import math
 import os
 import runpy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any, Callable
 
 import config
@@ -31,6 +32,91 @@ LOCAL_CONFIG_DEFAULT = Path(__file__).resolve().parent / "config_local.py"
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, typed: one field per UPPERCASE name in config.py, in
+    lower case (``tests/test_settings.py`` keeps the two in step). A misspelt
+    setting is an AttributeError at once, and an error in mypy."""
+
+    carbon_host: str
+    carbon_port: int
+    carbon_destinations: list[str]
+    carbon_timeout_s: float
+    carbon_confirm_delivery: bool
+    carbon_resend_window_s: float
+    metric_prefix: str
+    state_dir: str
+    spool_max_lines: int
+    plug_interval_s: float
+    meter_interval_s: float
+    circuit_interval_s: float
+    rediscover_interval_s: float
+    device_timeout_s: float
+    device_names: dict[str, str]
+    log_level: str
+    kasa_discovery_target: str
+    kasa_discovery_enabled: bool
+    kasa_discovery_timeout_s: float
+    kasa_hosts: list[str]
+    kasa_username: str
+    kasa_password: str
+    tuya_devices_file: str
+    tuya_addresses: dict[str, str]
+    tuya_versions: dict[str, str]
+    tuya_exclude: list[str]
+    tuya_scaling: dict[str, Any]
+    tuya_ranges: dict[str, Any]
+    tuya_timeout_s: float
+    tuya_persistent: bool
+    tuya_busy_backoff_s: float
+    tuya_stale_polls: int
+    tuya_announce_bind: str
+    tuya_announce_ports: list[int]
+    tuya_announce_listen_s: float
+    esp32_bind: str
+    esp32_port: int
+    esp32_token: str
+    esp32_device_tokens: dict[str, str]
+    esp32_max_body_bytes: int
+    esp32_max_clock_skew_s: float
+    esp32_max_reading_age_s: float
+    esp32_idle_timeout_s: float
+    esp32_max_power_watts: float
+    esp32_stale_s: float
+    esp32_max_devices: int
+    mqtt_broker: str
+    mqtt_username: str
+    mqtt_password: str
+    mqtt_tls_ca_file: str
+    mqtt_client_id: str
+    mqtt_keepalive_s: int
+    mqtt_reconnect_min_s: float
+    mqtt_reconnect_max_s: float
+    mqtt_auth_retry_s: float
+    mqtt_glow_prefix: str
+    mqtt_gas_prefix: str
+    mqtt_presets: list[str]
+    mqtt_rules: list[Any]
+    mqtt_flush_interval_s: float
+    mqtt_flush_lines: int
+    mqtt_health_interval_s: float
+    mqtt_stale_s: float
+    mqtt_once_timeout_s: float
+    mqtt_discover_s: float
+    circuits: list[Any]
+    circuit_modbus_timeout_s: float
+    circuit_ranges: dict[str, Any]
+    dashboard_house_meter: str
+    dashboard_nested_devices: list[str]
+    dashboard_unit_rate: float
+    dashboard_standing_charge: float
+    dashboard_currency_unit: str
+    dashboard_datasource_uid: str
+    dashboard_alert_high_power_watts: float
+    dashboard_alert_high_power_s: float
+    dashboard_alert_silent_s: float
 
 
 def _port(value: int) -> bool:
@@ -297,7 +383,7 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     local_path: Path | str | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> SimpleNamespace:
+) -> Settings:
     """All settings, lowercase attributes: defaults < config_local.py < env < overrides.
 
     ``overrides`` are command-line flags, already typed. Raises ConfigError.
@@ -330,7 +416,7 @@ def load_settings(
         values[name] = _check(name, values[name], default, origins[name])
     _cross_check(values, origins)
     values["STATE_DIR"] = str(Path(values["STATE_DIR"]).expanduser())
-    return SimpleNamespace(**{name.lower(): value for name, value in values.items()})
+    return Settings(**{name.lower(): value for name, value in values.items()})
 
 
 def parse_host_port(text: str, default_port: int, setting: str = "address") -> tuple[str, int]:

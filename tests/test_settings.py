@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
+import settings as settings_module
 from settings import RANGES, ConfigError, defaults, describe, load_settings, parse_host_port
 from tests.helpers import ROOT, collector_environment, run_collector
 
@@ -364,3 +367,23 @@ def test_unusable_state_dir_is_exit_2(tmp_path, source, problem):
         state.chmod(0o755)
     assert_config_exit(result, source, "STATE_DIR: cannot write in")
     assert str(state) in result.stderr
+
+
+def test_every_setting_is_a_typed_field_and_every_field_a_setting() -> None:
+    """settings.Settings declares what config.py defines: same names, and each
+    default of its field's type (so mypy sees what the loader checks)."""
+    declared = {field.name: field.type for field in dataclasses.fields(settings_module.Settings)}
+    defaults = settings_module.defaults()
+    assert sorted(declared) == sorted(name.lower() for name in defaults)
+    hints = typing.get_type_hints(settings_module.Settings)
+    for name, default in defaults.items():
+        expected = typing.get_origin(hints[name.lower()]) or hints[name.lower()]
+        assert type(default) is expected, f"{name}: {declared[name.lower()]} vs {default!r}"
+
+
+def test_a_misspelt_setting_is_an_error_at_once() -> None:
+    loaded = load_settings(env={}, local_path=os.devnull)
+    with pytest.raises(AttributeError, match="carbon_hots"):
+        loaded.carbon_hots  # noqa: B018
+    with pytest.raises(dataclasses.FrozenInstanceError, match="carbon_host"):
+        loaded.carbon_host = "elsewhere"  # type: ignore[misc]
