@@ -473,7 +473,8 @@ class MeterReceiver:
                 lines.extend(
                     self.runtime.lines("", meter_values(reading, applied), timestamp, group=segment)
                 )
-            self.batcher.add(lines)
+            # On disk before the 200: the device drops what we acknowledge.
+            self.batcher.store(lines)
         if accepted and not self.first_accepted.is_set():
             self.first_accepted.set()
         return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})
