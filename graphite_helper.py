@@ -384,12 +384,15 @@ class Spool:
             self._close_handle()
             number = max(self._segments, default=0) + 1
             path = self.directory / f"{number:012d}{self.SUFFIX}"
-            self._handle = open(path, "ab", buffering=0)  # noqa: SIM115 (kept open across appends)
+            self._handle = self._open_append(path)
             segment = self._segments[number] = _Segment(number, path)
             self._active, self._rotate = number, False
         elif self._handle is None:
-            self._handle = open(segment.path, "ab", buffering=0)  # noqa: SIM115
+            self._handle = self._open_append(segment.path)
         return segment
+
+    def _open_append(self, path: Path) -> Any:
+        return open(path, "ab", buffering=0)  # noqa: SIM115 (kept open across appends)
 
     def _close_handle(self) -> None:
         if self._handle is not None:
@@ -458,16 +461,16 @@ class Spool:
         if excess > 0:
             for _ in range(excess):
                 self._memory.popleft()
-            self._count_dropped(excess)
+            self._count_dropped(excess, f"{self.memory_max_lines} lines in memory, disk full")
 
     # The cap
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, count: int, why: str = "") -> None:
         self.dropped_lines += count
         if not self._capped:
             log.warning(
-                "spool full (%d lines waiting): dropping the oldest; %d dropped so far",
-                self.max_lines,
+                "spool full (%s): dropping the oldest lines; %d dropped so far",
+                why or f"{self.max_lines} lines waiting",
                 self.dropped_lines,
             )
             self._capped = True
