@@ -392,7 +392,7 @@ class Spool:
         return segment
 
     def _open_append(self, path: Path) -> Any:
-        return open(path, "ab", buffering=0)  # noqa: SIM115 (kept open across appends)
+        return open(path, "ab", buffering=0)
 
     def _close_handle(self) -> None:
         if self._handle is not None:

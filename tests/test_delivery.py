@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -23,8 +21,6 @@ import pytest
 import collector
 from graphite_helper import CarbonClient, Spool
 from settings import load_settings
-from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
-from tests.conftest import carbon_arg, start_collector, stop_collector
 from tests.test_collector import FakeSource, RecordingSink
 
 TS = 1_700_000_000
