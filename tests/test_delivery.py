@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -21,6 +23,8 @@ import pytest
 import collector
 from graphite_helper import CarbonClient, Spool
 from settings import load_settings
+from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
+from tests.conftest import carbon_arg, start_collector, stop_collector
 from tests.test_collector import FakeSource, RecordingSink
 
 TS = 1_700_000_000
@@ -344,3 +348,63 @@ def test_disk_full_keeps_lines_in_memory_then_resumes(tmp_path, caplog, monkeypa
     spool.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(1) + lines(100, start=201) + lines(1, start=400)
     assert any("writable again" in r.getMessage() for r in caplog.records)
+
+
+# --- 3 and 5: SIGKILL and power cuts lose nothing -----------------------------
+
+
+def kasa_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    local = tmp_path / "config_local.py"
+    local.write_text("")
+    return {
+        **os.environ,
+        "ELECTRICITY_CONFIG": str(local),
+        "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("fault", ["hold", "forget"])
+def test_sigkill_loses_nothing_carbon_took(fault, carbon_server, tmp_path, stand_in):
+    """``hold``: Carbon reads the batch and never confirms; the collector is
+    SIGKILLed mid-send (three times). ``forget``: Carbon confirms and then
+    loses its cache, and the collector dies with it (a power cut). Either
+    way, every line Carbon read lands in whisper once the collector runs
+    again against a healthy carbon-cache."""
+    plug = SimulatedKasaDevice("KP115(EU)_1.0_1.0.16.json", host=loopback_host(0), alias="p")
+    bad = stand_in(fault)
+    read: set[str] = set()
+    with KasaSimulator([plug]) as sim:
+        args = ["--host", f"{plug.host}:{sim.port}", "--interval", "1"]
+        env = kasa_env(tmp_path, CARBON_TIMEOUT_S="30")
+        for _ in range(3 if fault == "hold" else 1):
+            process = start_collector("kasa_to_graphite.py", [*args, "--carbon", bad.arg], env)
+            try:
+                before = len(bad.received)
+                deadline = time.monotonic() + 20
+                while len(bad.received) - before < 200 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                process.send_signal(signal.SIGKILL)
+                process.communicate()
+            read.update(bad.received_lines())
+        assert read
+        process = start_collector(
+            "kasa_to_graphite.py", [*args, "--carbon", carbon_arg(carbon_server)], env
+        )
+        try:
+            wanted = {}
+            for line in read:
+                path, value, stamp = line.split()
+                wanted.setdefault(path, {})[int(stamp)] = float(value)
+
+            def all_landed() -> bool:
+                for path, points in wanted.items():
+                    stored = dict(carbon_server.fetch(path))
+                    if any(stored.get(ts) != value for ts, value in points.items()):
+                        return False
+                return True
+
+            carbon_server.wait_for(all_landed, timeout_s=40, what="every line Carbon read")
+        finally:
+            assert stop_collector(process) == 0
