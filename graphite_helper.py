@@ -251,6 +251,9 @@ class Spool:
             number = int(path.name[:12])
             self._segments[number] = self._load_segment(number, path)
         self._load_cursor()
+        for segment in self._segments.values():
+            if segment.lines < 0:  # not in the cursor: count (a 2,000,000-line
+                segment.lines = _count_lines(segment.path, segment.size)  # spool: ~100 MB)
 
     # Loading
 
@@ -278,13 +281,13 @@ class Spool:
             with open(path, "r+b") as handle:
                 handle.truncate(complete)
                 os.fsync(handle.fileno())
-        return _Segment(number, path, size=complete, lines=_count_lines(path, complete))
+        return _Segment(number, path, size=complete, lines=-1)  # counted after the cursor
 
     def _load_cursor(self) -> None:
         path = self.directory / CURSOR_NAME
         try:
             state = json.loads(path.read_text(encoding="ascii"))
-            offsets = {int(k): int(v) for k, v in state.get("offsets", {}).items()}
+            known = {int(k): [int(x) for x in v] for k, v in state.get("segments", {}).items()}
             marks = [
                 tuple(float(x) if i == 0 else int(x) for i, x in enumerate(m))
                 for m in state.get("window", [])
@@ -294,14 +297,24 @@ class Spool:
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("spool cursor %s unreadable (%s): sending the whole spool again", path, exc)
             return
-        for number, offset in offsets.items():
+        for number, (size, count, sent_offset, sent_lines) in known.items():
             segment = self._segments.get(number)
-            if segment is not None and 0 < offset <= segment.size:
-                segment.sent_offset = offset
-                segment.sent_lines = _count_lines(segment.path, offset)
+            if segment is None or not 0 <= sent_offset <= min(size, segment.size):
+                continue
+            if size == segment.size:
+                segment.lines = count
+            elif size < segment.size:  # appended since: count only the rest
+                segment.lines = count + self._count_from(segment.path, size)
+            segment.sent_offset, segment.sent_lines = sent_offset, sent_lines
         for mark in marks:
             if len(mark) == 5 and mark[1] in self._segments:
                 self._marks.append(mark)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _count_from(path: Path, start: int) -> int:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            return handle.read().count(b"\n")
 
     def _save_cursor(self, force: bool = False) -> None:
         """Offsets and window to ``cursor.json``: at most once a second, no
@@ -311,7 +324,11 @@ class Spool:
             return
         self._cursor_saved_at = now
         state = {
-            "offsets": {str(n): s.sent_offset for n, s in self._segments.items() if s.sent_offset},
+            # Sizes and line counts spare counting a big spool at start.
+            "segments": {
+                str(n): [s.size, s.lines, s.sent_offset, s.sent_lines]
+                for n, s in self._segments.items()
+            },
             "window": [list(mark) for mark in self._marks],
         }
         path = self.directory / CURSOR_NAME
@@ -382,6 +399,7 @@ class Spool:
         segment = self._segments.get(self._active) if self._active is not None else None
         if segment is None or self._rotate or segment.lines >= self.segment_lines:
             self._close_handle()
+            self._save_cursor(force=True)
             number = max(self._segments, default=0) + 1
             path = self.directory / f"{number:012d}{self.SUFFIX}"
             self._handle = self._open_append(path)
@@ -712,8 +730,8 @@ class CarbonClient:
             if rewound:
                 log.info("sending again %d lines confirmed before the restart", rewound)
             spool.rotate()
-            if len(spool):
-                self._start()
+            # The sender starts with the first lines handed over (or a
+            # drain): a collector that stops on a bad setting sends nothing.
 
     def describe_destinations(self) -> str:
         return ", ".join(f"{host}:{port}" for host, port in self.destinations)

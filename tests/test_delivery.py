@@ -86,9 +86,9 @@ class StandInCarbon:
                         conn.sendall(b"x" * 64)
                     continue
                 if self.mode == "chatter":
-                    conn.sendall(b"x" * 64)  # and then some, forever
+                    conn.sendall(b"x" * 64)  # and then some, every 10 ms, forever
                     if not chunk:
-                        time.sleep(0.05)
+                        time.sleep(0.01)
                         continue
                 if not chunk:
                     if self.mode in ("forget", "trickle"):
