@@ -861,6 +861,8 @@ class CarbonClient:
             return
         started = time.monotonic()
         outcome = self._attempt(batch.lines)
+        if outcome == "closing":
+            return
         if outcome == "ok":
             self.spool.confirm(batch, self.resend_window_s, self.resend_max_lines)
             if time.monotonic() - started < self.timeout_s / 4:
@@ -887,6 +889,8 @@ class CarbonClient:
         (taken too slowly for its size: try smaller) or "down"."""
         if self._deliver(lines):
             return "ok"
+        if self._closing:  # our own stop cut the send: not Carbon's failure
+            return "closing"
         slow = "CarbonSlow" in self.last_error and len(lines) > MIN_BATCH_LINES
         if slow:
             log.debug("Carbon slow (%s): smaller batches", self.last_error)

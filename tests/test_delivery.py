@@ -521,3 +521,22 @@ def test_sigterm_stops_a_collector_promptly_while_carbon_chatters(tmp_path, stan
                 process.communicate()
     assert process.returncode == 0, stderr
     assert spooled_lines(tmp_path / "state")
+
+
+# --- 5. The resend window is on disk -------------------------------------------------
+
+
+def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
+    spool = Spool(tmp_path, segment_lines=100)
+    spool.append(lines(150))
+    while (batch := spool.next_batch(40)) is not None:
+        spool.confirm(batch, keep_s=120, keep_max_lines=10_000)
+    assert len(spool) == 0
+    spool.close()  # or a power cut: cursor.json was saved as batches were confirmed
+    reopened = Spool(tmp_path, segment_lines=100)
+    assert reopened.rewind(120) == 150  # Carbon may have lost them: sent again
+    got = []
+    reopened.replay(lambda batch: got.extend(batch) or True)
+    assert got == lines(150)
+    assert reopened.rewind(120) == 0  # a replay keeps no window
+    assert not list(tmp_path.glob("*.spool"))  # segments out of the window are deleted
