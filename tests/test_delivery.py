@@ -76,8 +76,8 @@ class StandInCarbon:
                 threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # closed by close() meanwhile
+            conn.settimeout(0.2)
             while not self.closing.is_set():
                 try:
                     chunk = conn.recv(self.rate_bytes_s // 10 if self.mode == "trickle" else 65536)
