@@ -1,17 +1,21 @@
 """Metric names and values, Carbon plaintext lines, delivery and the spool.
 
-Carbon never acknowledges a line, so delivery is confirmed the one way the
-plaintext protocol allows: each batch goes over its own connection, we
-half-close it (end of stream), and Carbon closes its side only once it has
-read every byte. A batch whose close does not come back (connection refused,
-reset, timeout, a hung server) goes to the on-disk spool and is replayed with
-its original timestamps once a destination confirms again. Resending a line
-is harmless: whisper keeps one value per timestamp.
+Every line is written to the on-disk spool (a write-ahead log) before any
+send; a sender thread delivers from there, so a collector never waits for
+Carbon. Carbon never acknowledges a line, so delivery is confirmed the one
+way the plaintext protocol allows: each batch goes over its own connection,
+we half-close it (end of stream), and Carbon closes its side only once it has
+read every byte. Only then does the spool move past the batch. A batch whose
+close does not come back (connection refused, reset, timeout, a hung or
+chattering server) stays in the spool and is sent again, with its original
+timestamps. Resending a line is harmless: whisper keeps one value per
+timestamp.
 
 Read is not yet written: carbon-cache holds points in memory before whisper
 has them, and a carbon-cache that is stopped or crashes loses that cache.
-So the lines confirmed during the last ``resend_window_s`` are kept, and when
-a destination stops answering they go back into the spool with the rest.
+So the lines confirmed during the last ``resend_window_s`` stay on disk, and
+are sent again when a destination stops answering and at every start (a
+power cut takes Carbon's cache too). docs/delivery.md has the whole design.
 
 Lines are validated before they leave: three fields, ASCII ``[a-z0-9_]``
 segments, finite values, whole-second timestamps, short lines. A line that
