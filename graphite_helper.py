@@ -238,6 +238,10 @@ class Spool:
         self.discarded_lines = 0  # torn or invalid lines found on disk
         self._last_fsync = -math.inf
         self._unsynced = False
+        self._unsynced_since = 0.0
+        # Set by a CarbonClient, whose sender calls sync_due(): appends then
+        # never fsync themselves, and a cycle's appends share one fsync.
+        self.deferred_fsync = False
         self._cursor_saved_at = -math.inf
         self._segments: dict[int, _Segment] = {}
         self._handle: Any = None  # the segment being appended to
@@ -393,8 +397,10 @@ class Spool:
             segment.size += len(data)
             segment.lines += len(chunk)
             self._appended[segment.number] = segment.size
-            self._unsynced = True
-            self._maybe_fsync()
+            if not self._unsynced:
+                self._unsynced, self._unsynced_since = True, time.monotonic()
+            if not self.deferred_fsync:
+                self._maybe_fsync()
         if self._disk_error:
             log.warning("spool %s writable again", self.directory)
             self._disk_error = ""
@@ -431,11 +437,13 @@ class Spool:
             os.fsync(self._handle.fileno())
             self._last_fsync, self._unsynced = now, False
 
-    def sync_due(self) -> None:
-        """fsync what was appended if the interval has passed (the sender
-        calls this, so a quiet spell does not leave lines unsynced)."""
+    def sync_due(self, gather_s: float = 0.5) -> None:
+        """fsync what was appended if the interval has passed and the oldest
+        unsynced append is ``gather_s`` old (the sender calls this at least
+        once a second)."""
         with self._lock:
-            if self._unsynced and self._handle is not None:
+            waited_s = time.monotonic() - self._unsynced_since
+            if self._unsynced and self._handle is not None and waited_s >= gather_s:
                 try:
                     self._maybe_fsync()
                 except OSError as exc:
@@ -734,6 +742,7 @@ class CarbonClient:
             if rewound:
                 log.info("sending again %d lines confirmed before the restart", rewound)
             spool.rotate()
+            spool.deferred_fsync = True  # the sender thread fsyncs (sync_due)
             # The sender starts with the first lines handed over (or a
             # drain): a collector that stops on a bad setting sends nothing.
 
@@ -852,6 +861,7 @@ class CarbonClient:
                 if self._closing:
                     return
                 self._force = False
+            self.spool.sync_due()
             try:
                 self._send_next()
             except Exception:  # the sender must never die: lines stay in the spool

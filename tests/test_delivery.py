@@ -539,3 +539,29 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
     assert got == lines(150)
     assert reopened.rewind(120) == 0  # a replay keeps no window
     assert not list(tmp_path.glob("*.spool"))  # segments out of the window are deleted
+
+
+def test_a_cycles_appends_share_one_fsync(tmp_path, stand_in, monkeypatch):
+    """With a sender, appends never fsync themselves: the sender syncs what a
+    cycle appended once, at most once per interval (SD-card wear)."""
+    import graphite_helper
+
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(graphite_helper.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    carbon = stand_in("forget")
+    client = CarbonClient(
+        [carbon.address], timeout_s=2, spool=Spool(tmp_path, fsync_interval_s=3600)
+    )
+    try:
+        for start in range(0, 50, 10):  # one cycle: several devices, then health
+            client.submit(lines(10, start=start))
+        time.sleep(2.5)  # the sender wakes at least once a second
+        assert len(calls) == 1
+        for start in range(50, 100, 10):
+            client.submit(lines(10, start=start))
+        time.sleep(2.5)
+        assert len(calls) == 1  # within the interval: not yet
+    finally:
+        client.close()
+    assert len(calls) == 2  # at exit
