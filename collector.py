@@ -42,6 +42,10 @@ EXIT_UNDELIVERED = 1
 EXIT_CONFIG = 2
 EXIT_NO_DEVICE = 3
 
+# Health lines report the spool after waiting this long for the lines just
+# handed over (with Carbon answering they are confirmed within milliseconds).
+HEALTH_SETTLE_S = 0.2
+
 # While a device is failing, look for it again this often (it may have a new
 # DHCP lease) instead of waiting for the regular re-discovery.
 EARLY_REDISCOVER_S = 60.0
@@ -458,7 +462,7 @@ class Runtime:
             figures["metrics_sent"] = self.sink.lines_sent
         spool = getattr(self.sink, "spool", None)
         if spool is not None:
-            figures["spool_lines"] = len(spool)
+            figures["spool_lines"] = spool.backlog()
             figures["spool_dropped"] = spool.dropped_lines
         return self.lines(self.source, figures, timestamp, group="health")
 
@@ -492,16 +496,23 @@ class Runtime:
         """``deliver``, for the asyncio loop (it never waits for Carbon)."""
         return self.deliver(lines)
 
-    def drain(self, timeout_s: float | None = None) -> bool:
+    def drain(self, timeout_s: float | None = None, force: bool = True) -> bool:
         """Wait until Carbon has confirmed every line handed over (at most
-        ``timeout_s``); True when it has."""
+        ``timeout_s``); True when it has. ``force``: a send at once, even
+        while the sender is backing off from an outage."""
         drain = getattr(self.sink, "drain", None)
         if drain is None:
             return True
         if timeout_s is None:
             destinations = len(getattr(self.sink, "destinations", ())) or 1
             timeout_s = self.settings.carbon_timeout_s * (destinations + 2)
-        return drain(timeout_s)
+        return drain(timeout_s, force)
+
+    def settle(self) -> None:
+        """Give the sender a moment (HEALTH_SETTLE_S) to confirm what was just
+        handed over, so ``spool_lines`` shows a backlog, not the lines of
+        this very cycle."""
+        self.drain(HEALTH_SETTLE_S, force=False)
 
     def undelivered_message(self) -> str:
         spool = self.sink.spool
@@ -743,6 +754,7 @@ class PollLoop:
         runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
         runtime.health.poll_seconds = time.monotonic() - started
         self.collector.end_of_cycle(timestamp)
+        await asyncio.get_running_loop().run_in_executor(None, runtime.settle)
         delivered = self._delivered & runtime.deliver(runtime.health_lines(timestamp))
         return ok, failed, delivered
 
@@ -946,6 +958,7 @@ class LineBatcher:
             lines, self._lines = self._lines, []
         now = time.time()
         if self.periodic is not None and (now >= self._next_periodic or self._stopping.is_set()):
+            self.runtime.settle()  # what was stored since: confirmed, or a backlog
             self._next_periodic = now + self.periodic_interval_s
             lines.extend(self.periodic(int(now)))
         if not lines:

@@ -172,10 +172,15 @@ class _Segment:
     lines: int = 0
     sent_offset: int = 0
     sent_lines: int = 0
+    high_lines: int = 0  # the most ever confirmed: a rewind sends again below it
 
     @property
     def unsent(self) -> int:
         return self.lines - self.sent_lines
+
+    @property
+    def never_sent(self) -> int:
+        return self.lines - max(self.sent_lines, self.high_lines)
 
 
 @dataclass
@@ -314,6 +319,7 @@ class Spool:
             elif size < segment.size:  # appended since: count only the rest
                 segment.lines = count + self._count_from(segment.path, size)
             segment.sent_offset, segment.sent_lines = sent_offset, sent_lines
+            segment.high_lines = sent_lines
         for mark in marks:
             if len(mark) == 5 and mark[1] in self._segments:
                 self._marks.append(mark)  # type: ignore[arg-type]
@@ -350,9 +356,15 @@ class Spool:
     # Size
 
     def __len__(self) -> int:
-        """Lines not yet confirmed by Carbon."""
+        """Lines not yet confirmed by Carbon (those sent again included)."""
         with self._lock:
             return sum(s.unsent for s in self._segments.values()) + len(self._memory)
+
+    def backlog(self) -> int:
+        """Lines Carbon never confirmed: the resend window sent again after
+        a restart or an outage is not a backlog."""
+        with self._lock:
+            return sum(s.never_sent for s in self._segments.values()) + len(self._memory)
 
     # Appending
 
@@ -523,6 +535,7 @@ class Spool:
             else:
                 segment.sent_offset = self._offset_after(segment, dropped)
                 segment.sent_lines += dropped
+            segment.high_lines = max(segment.high_lines, segment.sent_lines)
             excess -= dropped
             self._count_dropped(dropped)
         self._forget_sent()
@@ -598,6 +611,7 @@ class Spool:
             if segment is None or segment.sent_offset != batch.start:
                 return  # dropped or rewound meanwhile
             segment.sent_offset, segment.sent_lines = batch.end, batch.start_lines + batch.count
+            segment.high_lines = max(segment.high_lines, segment.sent_lines)
             if keep_s > 0:
                 self._marks.append(
                     (time.time(), batch.segment, batch.start, batch.start_lines, batch.count)
@@ -792,15 +806,16 @@ class CarbonClient:
         self.submit(lines)
         return self.drain()
 
-    def drain(self, timeout_s: float | None = None) -> bool:
+    def drain(self, timeout_s: float | None = None, force: bool = True) -> bool:
         """Wait until every line handed over is confirmed: True; False when
-        an attempt fails first, the client closes, or ``timeout_s`` passes."""
+        an attempt fails first, the client closes, or ``timeout_s`` passes.
+        ``force``: try at once even while backing off from an outage."""
         if self.spool is None:
             return True
         deadline = None if timeout_s is None else time.monotonic() + min(timeout_s, 1e6)
         with self._cond:
             failures = self._failures
-            self._force = True
+            self._force = self._force or force
             self._cond.notify_all()
             while not self.spool.appended_confirmed():
                 if self._failures != failures or self._closing:

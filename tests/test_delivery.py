@@ -534,6 +534,7 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
     spool.close()  # or a power cut: cursor.json was saved as batches were confirmed
     reopened = Spool(tmp_path, segment_lines=100)
     assert reopened.rewind(120) == 150  # Carbon may have lost them: sent again
+    assert len(reopened) == 150 and reopened.backlog() == 0  # spool_lines: no backlog
     got = []
     reopened.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(150)
