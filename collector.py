@@ -42,6 +42,10 @@ EXIT_UNDELIVERED = 1
 EXIT_CONFIG = 2
 EXIT_NO_DEVICE = 3
 
+# Health lines report the spool after waiting this long for the lines just
+# handed over (with Carbon answering they are confirmed within milliseconds).
+HEALTH_SETTLE_S = 0.2
+
 # While a device is failing, look for it again this often (it may have a new
 # DHCP lease) instead of waiting for the regular re-discovery.
 EARLY_REDISCOVER_S = 60.0
@@ -410,9 +414,10 @@ class Runtime:
             )
 
     def close(self) -> None:
-        spool = getattr(self.sink, "spool", None)
-        if spool is not None:
-            spool.sync()
+        """Stop the sender (what it has not delivered stays in the spool)."""
+        close = getattr(self.sink, "close", None)
+        if close is not None:
+            close()
         if self._lock is not None:
             self._lock.release()
 
@@ -458,26 +463,61 @@ class Runtime:
             **self.health.extra,
             **values,
         }
+        if hasattr(self.sink, "submit"):  # counted as Carbon confirms them
+            figures["metrics_sent"] = self.sink.lines_sent
         spool = getattr(self.sink, "spool", None)
         if spool is not None:
-            figures["spool_lines"] = len(spool)
+            figures["spool_lines"] = spool.backlog()
             figures["spool_dropped"] = spool.dropped_lines
         return self.lines(self.source, figures, timestamp, group="health")
 
-    def deliver(self, lines: Sequence[str]) -> bool:
-        """Send (or spool) now, blocking; True when delivered."""
-        if not lines:
-            return True
+    def _hand_over(self, lines: Sequence[str]) -> tuple[bool, bool]:
+        """(safe, delivered): the Carbon sink writes the lines to its spool
+        and returns at once (safe once on disk; delivered means Carbon is
+        answering); --dry-run and test sinks deliver before returning."""
+        submit = getattr(self.sink, "submit", None)
+        if submit is not None:
+            return submit(list(lines)), self.sink.reachable
         delivered = self.sink.send_lines(list(lines))
         if delivered:
             self.health.metrics_sent += len(lines)
-        return delivered
+        return True, delivered
 
-    async def send(self, lines: Sequence[str]) -> bool:
-        """``deliver`` in a worker thread, for the asyncio loop."""
+    def deliver(self, lines: Sequence[str]) -> bool:
+        """Hand lines over without waiting for Carbon; True when Carbon is
+        answering (False: they wait in the spool)."""
         if not lines:
             return True
-        return await asyncio.get_running_loop().run_in_executor(None, self.deliver, lines)
+        return self._hand_over(lines)[1]
+
+    def store(self, lines: Sequence[str]) -> bool:
+        """Hand lines over; True once they are on disk or delivered: what a
+        push source waits for before acknowledging them."""
+        if not lines:
+            return True
+        return self._hand_over(lines)[0]
+
+    async def send(self, lines: Sequence[str]) -> bool:
+        """``deliver``, for the asyncio loop (it never waits for Carbon)."""
+        return self.deliver(lines)
+
+    def drain(self, timeout_s: float | None = None, force: bool = True) -> bool:
+        """Wait until Carbon has confirmed every line handed over (at most
+        ``timeout_s``); True when it has. ``force``: a send at once, even
+        while the sender is backing off from an outage."""
+        drain = getattr(self.sink, "drain", None)
+        if drain is None:
+            return True
+        if timeout_s is None:
+            destinations = len(getattr(self.sink, "destinations", ())) or 1
+            timeout_s = self.settings.carbon_timeout_s * (destinations + 2)
+        return drain(timeout_s, force)
+
+    def settle(self) -> None:
+        """Give the sender a moment (HEALTH_SETTLE_S) to confirm what was just
+        handed over, so ``spool_lines`` shows a backlog, not the lines of
+        this very cycle."""
+        self.drain(HEALTH_SETTLE_S, force=False)
 
     def undelivered_message(self) -> str:
         spool = self.sink.spool
@@ -593,6 +633,8 @@ class PollLoop:
         self._failing = Once(self.runtime.log)  # stable ids of devices failing
         self._last_discovery = -math.inf
         self._discovery: asyncio.Task | None = None
+        self._in_flight: dict[str, asyncio.Future] = {}  # polls under way, by stable id
+        self._delivered = True
 
     @property
     def stopping(self) -> asyncio.Event:
@@ -663,42 +705,65 @@ class PollLoop:
             lines.extend(runtime.lines(segment, reading.values, timestamp))
         return lines
 
-    async def cycle(self, timestamp: int) -> tuple[int, int, bool]:
-        """Poll every device; lines go out as devices answer (a dead device's
-        timeout delays nobody). Returns (devices ok, devices failed, delivered)."""
+    async def _poll_and_hand_over(self, device: Device, timestamp: int) -> bool:
+        """Poll one device and hand its lines over as soon as they come (a
+        dead device's timeout delays nobody). True when it answered."""
+        lines = await self._poll_device(device, timestamp)
+        if lines is None:
+            return False
+        self._delivered &= self.runtime.deliver(lines)
+        return True
+
+    def _start_poll(self, device: Device, timestamp: int) -> asyncio.Future:
+        task = asyncio.ensure_future(self._poll_and_hand_over(device, timestamp))
+        self._in_flight[device.stable_id] = task
+
+        def finished(task: asyncio.Future, key: str = device.stable_id) -> None:
+            self._in_flight.pop(key, None)
+            if not task.cancelled() and task.exception() is not None:
+                self.runtime.log.error("%s: lines not handed over: %s", key, task.exception())
+
+        task.add_done_callback(finished)
+        return task
+
+    async def cycle(self, timestamp: int, until: float | None = None) -> tuple[int, int, bool]:
+        """Poll every device, stamping its lines with ``timestamp``. With
+        ``until`` (a monotonic time: the next boundary), return then even if a
+        device has not answered: its poll goes on and its lines, if they
+        come, keep this timestamp; it is not polled again meanwhile.
+        Returns (devices ok, devices failed or pending, Carbon answering)."""
         runtime = self.runtime
         started = time.monotonic()
-        pending = {
-            asyncio.ensure_future(self._poll_device(device, timestamp))
+        self._delivered = True
+        still_pending = [d for d in self.devices.values() if d.stable_id in self._in_flight]
+        tasks = [
+            self._start_poll(device, timestamp)
             for device in list(self.devices.values())
-        }
-        ok = failed = 0
-        delivered = True
-        buffered: list[str] = []
-        # One send at a time: lines that arrive while a batch is on its way
-        # make the next batch, so nothing waits for a slower device.
-        sending: asyncio.Future | None = None
-        while pending or buffered or sending is not None:
-            if buffered and sending is None:
-                sending = asyncio.ensure_future(runtime.send(buffered))
-                buffered = []
-            waiting = pending | ({sending} if sending is not None else set())
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if sending is not None and sending in done:
-                delivered &= sending.result()
-                sending = None
-            for task in done & pending:
-                pending.discard(task)
-                lines = task.result()
-                if lines is None:
-                    failed += 1
-                    continue
-                ok += 1
-                buffered.extend(lines)
+            if device.stable_id not in self._in_flight
+        ]
+        done: set = set()
+        if tasks:
+            timeout = None if until is None else max(0.0, until - time.monotonic())
+            done, _ = await asyncio.wait(tasks, timeout=timeout)
+        ok = sum(1 for task in done if task.result())  # a sink's error surfaces here
+        failed = len(tasks) - ok
+        for device in self.devices.values():
+            task = self._in_flight.get(device.stable_id)
+            if task is not None and task not in done:
+                self._failing.say(
+                    device.stable_id,
+                    "%s (%s): no answer by the next boundary; polled again once it answers"
+                    " or times out",
+                    device.name,
+                    device.address,
+                    again="%s (%s): still pending",
+                )
+        failed += len(still_pending)
         runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
         runtime.health.poll_seconds = time.monotonic() - started
         self.collector.end_of_cycle(timestamp)
-        delivered &= await runtime.send(runtime.health_lines(timestamp))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.settle)
+        delivered = self._delivered & runtime.deliver(runtime.health_lines(timestamp))
         return ok, failed, delivered
 
     # The loop
@@ -718,9 +783,13 @@ class PollLoop:
         if self.once:
             if not self.devices:
                 print(f"{runtime.source}: no device found", file=sys.stderr)
-                await runtime.send(runtime.health_lines(int(time.time())))
+                runtime.deliver(runtime.health_lines(int(time.time())))
+                await asyncio.get_running_loop().run_in_executor(None, runtime.drain)
                 return EXIT_NO_DEVICE
             ok, _failed, delivered = await self.cycle(int(time.time()))
+            # --once reports whether Carbon took the lines: wait for that.
+            loop = asyncio.get_running_loop()
+            delivered &= await loop.run_in_executor(None, runtime.drain)
             if not delivered:
                 print(runtime.undelivered_message(), file=sys.stderr)
                 return EXIT_UNDELIVERED
@@ -746,9 +815,12 @@ class PollLoop:
                     self._discovery = asyncio.ensure_future(self.rediscover())
                 else:
                     await self.rediscover()
-            ok, failed, delivered = await self.cycle(int(boundary))
+            # A device still pending at the next boundary holds nobody up.
+            margin_s = min(0.25, self.interval_s / 10)
+            until = time.monotonic() + (boundary + self.interval_s - margin_s - time.time())
+            ok, failed, delivered = await self.cycle(int(boundary), until)
             # Reached only once the cycle's lines (its health lines at least)
-            # were delivered or spooled: a cycle that hangs or raises never pings.
+            # were on disk or delivered: a cycle that hangs or raises never pings.
             watchdog_ping(
                 f"{time.strftime('%H:%M:%S')}: {ok} devices answered, {failed} failed; "
                 + ("lines delivered" if delivered else "Carbon unreachable, lines spooled")
@@ -762,6 +834,8 @@ class PollLoop:
         sd_notify("STOPPING=1")
         if self._discovery is not None:
             self._discovery.cancel()
+        for task in list(self._in_flight.values()):
+            task.cancel()
         return EXIT_OK
 
 
@@ -837,9 +911,11 @@ def main(collector_cls: type, argv: Sequence[str] | None = None) -> int:
 
 
 class LineBatcher:
-    """Collects lines from any thread and sends them every ``flush_interval_s``
-    or once ``max_lines`` are waiting, in its own thread. ``periodic(ts)``, if
-    given, adds lines (health) every ``periodic_interval_s``."""
+    """Collects lines from any thread and hands them over every
+    ``flush_interval_s`` or once ``max_lines`` are waiting, in its own thread;
+    ``store`` hands lines over at once, for what must be safe before it is
+    acknowledged. ``periodic(ts)``, if given, adds lines (health) every
+    ``periodic_interval_s``."""
 
     def __init__(
         self,
@@ -878,12 +954,19 @@ class LineBatcher:
         if full:
             self._wake.set()
 
+    def store(self, lines: Sequence[str]) -> bool:
+        """Hand ``lines`` over now, from the caller's thread; True once they
+        are on disk (or delivered): only then may their sender be told so."""
+        return self.runtime.store(lines)
+
     def flush(self) -> bool:
-        """Send what is waiting now (plus periodic lines); True when delivered."""
+        """Hand over what is waiting now (plus periodic lines); True when
+        Carbon is answering."""
         with self._lock:
             lines, self._lines = self._lines, []
         now = time.time()
         if self.periodic is not None and (now >= self._next_periodic or self._stopping.is_set()):
+            self.runtime.settle()  # what was stored since: confirmed, or a backlog
             self._next_periodic = now + self.periodic_interval_s
             lines.extend(self.periodic(int(now)))
         if not lines:
@@ -907,9 +990,12 @@ class LineBatcher:
                 log.exception("sending failed")
 
     def stop(self) -> bool:
-        """Stop the thread and send (or spool) what is left."""
+        """Stop the thread, hand over what is left and wait (bounded) for
+        Carbon to confirm it all; True when it did."""
         self._stopping.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
-        return self.flush()
+        delivered = self.flush() and self.runtime.drain()
+        self.delivered_all &= delivered
+        return delivered

@@ -534,7 +534,8 @@ class MeterReceiver:
                 energy = {"energy_kwh": values.pop("energy_kwh")}
                 lines.extend(self.runtime.lines("", values, timestamp, group=segment))
                 lines.extend(self.runtime.lines("", energy, energy_ts, group=segment))
-            self.batcher.add(lines)
+            # On disk before the 200: the device drops what we acknowledge.
+            self.batcher.store(lines)
         if accepted and not self.first_accepted.is_set():
             self.first_accepted.set()
         return Answer(200, {"ok": True, "seq": readings[-1].seq, "accepted": accepted})

@@ -386,7 +386,7 @@ class BrokerLink:
         self,
         settings: Any,
         subscriptions: Sequence[str],
-        on_message: Callable[[str, bytes, bool], None],
+        on_message: Callable[[str, bytes, bool], Any],
         client_suffix: str = "",
         persistent: bool = True,
     ) -> None:
@@ -400,6 +400,7 @@ class BrokerLink:
         self._last_refusal = ""  # any other reason, said once
         self._unreachable = False
         self._stopping = False
+        self._unacked: list[tuple[int, int]] = []  # (mid, qos) waiting for the disk
         client_id = settings.mqtt_client_id or f"electricity-mqtt-{socket.gethostname()}"
         # A persistent session keeps QoS 1 messages for us while we restart.
         self.client = _Client(
@@ -407,6 +408,8 @@ class BrokerLink:
             client_id=client_id + client_suffix,
             clean_session=not persistent,
             protocol=mqtt.MQTTv311,
+            # PUBACK only once the message's lines are safe (see _on_message).
+            manual_ack=True,
         )
         if settings.mqtt_username:
             self.client.username_pw_set(settings.mqtt_username, settings.mqtt_password or None)
@@ -521,10 +524,22 @@ class BrokerLink:
         except UnicodeDecodeError:
             log.debug("a message whose topic is not UTF-8: ignored")
             return
+        safe = True
         try:
-            self.on_message(topic, message.payload, bool(message.retain))
+            safe = self.on_message(topic, message.payload, bool(message.retain)) is not False
         except Exception:  # one message must never stop the network thread
             log.exception("%s: message not handled", topic)
+        self._acknowledge(message.mid, message.qos, safe)
+
+    def _acknowledge(self, mid: int, qos: int, safe: bool) -> None:
+        """PUBACK a QoS 1 message once ``on_message`` said its lines are on
+        disk; while the disk refuses them, hold the acks (the broker keeps
+        those messages) and send them with the next one that is safe."""
+        self._unacked.append((mid, qos))
+        if safe:
+            for waiting in self._unacked:
+                self.client.ack(*waiting)
+            self._unacked.clear()
 
 
 def broker_address(settings: Any) -> tuple[str, int]:
@@ -550,13 +565,14 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
     all_heard = threading.Event()
     batcher: collector.LineBatcher
 
-    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+    def on_message(topic: str, payload: bytes, retained: bool) -> bool:
         outcome = handler.handle(topic, payload, retained, time.time())
-        batcher.add(outcome.lines)
+        safe = batcher.store(outcome.lines)  # on disk before the PUBACK
         if once and outcome.status == "ok" and not outcome.health_only:
             heard.update(outcome.sources)
             if heard >= wanted:
                 all_heard.set()
+        return safe
 
     link = BrokerLink(
         settings,

@@ -153,14 +153,17 @@ class CollectorUnderTest:
         )
         self.runtime = collector.Runtime("kasa", settings)
         self.sent: list[tuple[float, list[str]]] = []
-        deliver = self.runtime.sink.send_lines
+        sink = self.runtime.sink
+        submit = sink.submit
 
-        def recording_send(lines):
-            delivered = deliver(lines)
+        def recording_submit(lines):
+            # Into the spool, then (for the figure) until Carbon confirmed it.
+            submit(lines)
+            delivered = sink.drain(30.0)
             self.sent.append((time.monotonic(), list(lines)))
             return delivered
 
-        self.runtime.sink.send_lines = recording_send
+        sink.submit = recording_submit
         self.kasa = kasa_to_graphite.KasaCollector(self.runtime, args=None)
         self.loop = collector.PollLoop(self.kasa, interval_s=30)
 

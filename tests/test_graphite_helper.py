@@ -231,8 +231,9 @@ def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path):
         client.destinations = [server.address]
         assert client.send_lines(lines(2, start=6))
         received = server.received.decode()
-        # New lines first (the dashboard is live at once), then the spool in order.
-        assert received == "".join(lines(2, start=6) + lines(6))
+        # The segment written since the outage began goes first (the dashboard
+        # is live at once), then the older backlog in order; each line once.
+        assert received == "".join(lines(5, start=3) + lines(3))
         assert len(client.spool) == 0
     finally:
         server.close()

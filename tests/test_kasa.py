@@ -169,13 +169,13 @@ def test_dead_device_does_not_delay_the_others(carbon_server, tmp_path):
         )
         runtime = collector.Runtime("kasa", settings)
         sent_at = []
-        original = runtime.sink.send_lines
+        original = runtime.sink.submit  # hands lines to the spool and the sender
 
         def recording_send(lines):
             sent_at.append((time.monotonic(), list(lines)))
             return original(lines)
 
-        runtime.sink.send_lines = recording_send
+        runtime.sink.submit = recording_send
 
         async def scenario():
             kasa = kasa_to_graphite.KasaCollector(runtime, args=None)

@@ -476,6 +476,7 @@ class SimulatedHome:
             tuya_to_graphite.time = real_time
             for loop in loops.values():
                 await loop.collector.close()
+                loop.runtime.drain(60)  # the sender delivers from the spool
                 loop.runtime.close()
 
     def _wait_for_last_points(self, end: int) -> None:
