@@ -363,8 +363,16 @@ class KasaCollector(collector.Collector):
             found, refused = await self._broadcast()
             await self._adopt(found, refused)
         if self._listing:  # a listing waits for every host
-            await asyncio.gather(*(s.connecting for s in self._static.values() if s.connecting))
+            await self.connected()
         return [static.device for static in self._static.values()] + list(self._devices.values())
+
+    async def connected(self) -> None:
+        """Wait for the static hosts' connection attempts under way (a
+        listing, tests and benchmarks; polling never waits for them all)."""
+        await asyncio.gather(
+            *(s.connecting for s in self._static.values() if s.connecting),
+            return_exceptions=True,
+        )
 
     async def _adopt(self, found: list[Device], refused: list[Device]) -> None:
         for kasa_device in found:

@@ -43,7 +43,8 @@ both lines use ``P``.
 
 Failure modes (``mode``): ``"normal"``; ``"hang"`` answers discovery but
 never answers HTTP; ``"refuse"`` answers discovery but closes the HTTP port;
-``"garbage"`` answers requests with bytes that do not decrypt.
+``"garbage"`` answers requests with bytes that do not decrypt. ``delay_s``
+delays every HTTP answer.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ class SimulatedSmartDevice:
         self.host = _check_loopback(host)
         self.port = port
         self.mode = mode
+        #: Seconds every HTTP answer waits (a slow Wi-Fi link).
+        self.delay_s = 0.0
         self.clock = clock
         self.owner_hash = auth_hash(username or "", password or "")
         self.owner = hashlib.md5((username or "").encode()).hexdigest().upper() if username else ""
@@ -606,6 +609,8 @@ class _HttpConnection:
                 body = await reader.readexactly(length)
                 if self.device.mode == "hang":
                     await asyncio.Event().wait()  # until the simulator stops
+                if self.device.delay_s > 0:
+                    await asyncio.sleep(self.device.delay_s)
                 status, payload, cookie = self.respond(method, target, headers, body)
                 response = [
                     f"HTTP/1.1 {status} {'OK' if status == 200 else 'Forbidden'}",
@@ -620,6 +625,10 @@ class _HttpConnection:
             pass
         except ValueError:
             _LOGGER.debug("%r: malformed HTTP request, closing", self.device)
+        except asyncio.CancelledError:
+            # The simulator is stopping. Ending quietly: asyncio's stream
+            # server asks a cancelled handler for its exception and logs it.
+            pass
         finally:
             self.sim._connections.discard(writer)
             writer.close()
