@@ -251,6 +251,7 @@ class Result:
     late: Run
     dead: Run
     handshakes: int  # during the measured cycles (after discovery and warm-up)
+    fresh: Run | None = None  # smart: every poll on a new session (a handshake each)
 
 
 async def measure(plugs: SimulatedPlugs, count: int, cycles: int, timeout_s: float) -> Result:
@@ -287,6 +288,13 @@ async def measure(plugs: SimulatedPlugs, count: int, cycles: int, timeout_s: flo
                 dead_cycles.append(await under_test.cycle())
                 del poll_loop.devices[dead_id]
             handshakes = plugs.handshakes() - handshakes_before
+            fresh = []
+            if plugs.protocol == "smart":
+                # What a handshake costs: drop every session before the cycle.
+                for _ in range(cycles):
+                    for device in poll_loop.devices.values():
+                        await device.handle.disconnect()
+                    fresh.append(await under_test.cycle())
         finally:
             await under_test.kasa.close()
             under_test.runtime.close()
@@ -299,6 +307,7 @@ async def measure(plugs: SimulatedPlugs, count: int, cycles: int, timeout_s: flo
         Run(late),
         Run(dead_cycles),
         handshakes,
+        Run(fresh) if fresh else None,
     )
 
 
@@ -388,6 +397,14 @@ def report(results: list[Result], timeout_s: float) -> bool:
         cells = "".join(f"{verdict(ok):<19}" for ok in (v.overlap, v.dead, v.cpu, v.complete))
         print(f"{r.protocol:>6}  {r.count:>4}  {cells.rstrip()}")
     print()
+    for r in results:
+        if r.fresh is not None:
+            print(
+                f"{r.protocol} N={r.count}: every poll on a new KLAP session (handshake1, "
+                f"handshake2, then the requests): lines out "
+                f"{ms(r.fresh.median('lines_out_s'))} ms, CPU/poll "
+                f"{ms(r.fresh.median('cpu_s') / r.count)} ms"
+            )
     for r in results:
         print(
             f"{r.protocol} N={r.count}: discovery of {r.count + 1} static hosts "
