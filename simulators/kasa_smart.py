@@ -849,7 +849,11 @@ class SmartKasaSimulator:
                 endpoint.transport.close()
         self._udp.clear()
         current = asyncio.current_task()
-        tasks = [t for t in asyncio.all_tasks() if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Connections accepted while closing start tasks of their own: repeat.
+        for _round in range(5):
+            tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
