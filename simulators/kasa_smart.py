@@ -608,7 +608,10 @@ class _HttpConnection:
                     break
                 body = await reader.readexactly(length)
                 if self.device.mode == "hang":
-                    await asyncio.Event().wait()  # until the simulator stops
+                    # Read and drop until the client gives up and closes.
+                    while await reader.read(_MAX_BODY_BYTES):
+                        pass
+                    break
                 if self.device.delay_s > 0:
                     await asyncio.sleep(self.device.delay_s)
                 status, payload, cookie = self.respond(method, target, headers, body)
