@@ -255,6 +255,8 @@ class SimulatedSmartDevice:
         #: Requests answered (after decryption), handshakes completed.
         self.request_count = 0
         self.handshake_count = 0
+        #: handshake1s received (attempts, refused or not).
+        self.handshake1_count = 0
         self.sessions: dict[str, KlapSession] = {}
         components = copy.deepcopy(dump["component_nego"]["component_list"])
         meter = self._meter(dump)
@@ -390,6 +392,7 @@ class SimulatedSmartDevice:
     def handshake1(self, local_seed: bytes) -> tuple[str, bytes] | None:
         if len(local_seed) != 16:
             return None
+        self.handshake1_count += 1
         remote_seed = secrets.token_bytes(16)
         session = KlapSession(local_seed, remote_seed, self.owner_hash)
         session_id = secrets.token_hex(16).upper()

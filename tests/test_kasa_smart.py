@@ -20,7 +20,12 @@ import collector
 import kasa_to_graphite
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, load_fixture
-from simulators.kasa_smart import SMART_FIXTURES, SimulatedSmartDevice, SmartKasaSimulator
+from simulators.kasa_smart import (
+    SMART_FIXTURES,
+    SimulatedSmartDevice,
+    SmartKasaSimulator,
+    auth_hash,
+)
 from tests.conftest import carbon_arg, run_collector
 
 PREFIX = "home.electricity.kasa"
@@ -367,3 +372,48 @@ def test_energy_total_across_midnight_and_a_device_reset(carbon_server, tmp_path
         )
     assert first == pytest.approx([20.0, 20.2, 20.35])
     assert second == pytest.approx([20.8, 20.8, 21.05])
+
+
+@pytest.mark.parametrize("how", ["host", "discovery"])
+def test_refusal_said_once_not_retried_every_cycle_but_at_rediscovery(
+    carbon_server, tmp_path, subnet, caplog, how
+):
+    """In the service: the warning once; no handshake per cycle (devices lock
+    out repeated failed logins); a new attempt at each rediscovery, and the
+    plug answers once its owner matches the settings."""
+    plug = SimulatedSmartDevice(
+        SMART_FIXTURES[1], host=f"{subnet}.2", alias="tv", username=USERNAME, password="other"
+    )
+    with SmartKasaSimulator([plug], discovery_host=f"{subnet}.1") as sim:
+        if how == "host":
+            where = {"KASA_HOSTS": [f"{plug.host}:{sim.port}"], "KASA_DISCOVERY_ENABLED": False}
+        else:
+            where = {"KASA_DISCOVERY_TARGET": f"{subnet}.1:{sim.port}"}
+        settings = settings_for(tmp_path, carbon_server, **where)
+        runtime = collector.Runtime("kasa", settings)
+
+        async def scenario() -> list[tuple[int, int]]:
+            kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
+            loop = collector.PollLoop(kasa, interval_s=30)
+            results = []
+            for round_ in range(3):
+                await loop.rediscover()
+                await kasa.connected()
+                attempts = plug.handshake1_count
+                for _ in range(3):
+                    ok, failed, _ = await loop.cycle(int(time.time()))
+                    results.append((ok, failed))
+                assert plug.handshake1_count == attempts  # nothing tried between
+                if round_ == 1:  # the plug is set up again with the configured account
+                    plug.owner_hash = auth_hash(USERNAME, PASSWORD)
+            await kasa.close()
+            return results
+
+        caplog.set_level(logging.INFO, logger="kasa")
+        results = asyncio.run(scenario())
+        runtime.close()
+    assert results == [(0, 1)] * 6 + [(1, 0)] * 3
+    said = [r.getMessage() for r in caplog.records if "KASA_USERNAME" in r.getMessage()]
+    assert len(said) == 1 and plug.host in said[0]
+    assert PASSWORD not in caplog.text
+    assert plug.handshake1_count == 3  # one per rediscovery
