@@ -7,7 +7,9 @@ TP-Link's smart protocol, which the real python-kasa (0.7.7 and 0.12) reaches so
   serial, CRC32) then, in the probe, the client's RSA public key; the answer
   is the same header and ``{"error_code": 0, "result": {...}}`` with the
   device's type, model, MAC and ``mgt_encrypt_schm`` (``encrypt_type``
-  ``KLAP``, ``lv`` 2, ``http_port``), sent from port 20002.
+  ``KLAP``, ``lv`` 2, ``http_port``), sent from port 20002; with
+  ``encrypt_info=True``, also newer firmware's ``encrypt_info`` (a JSON
+  block AES-encrypted with a key sealed by the probe's RSA key, OAEP).
 - KLAP v2 on HTTP (``POST /app/handshake1``, ``/app/handshake2``,
   ``/app/request?seq=N``). The owner's auth hash is
   ``sha256(sha1(username) + sha1(password))``. handshake1 takes the client's
@@ -68,7 +70,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from simulators.kasa import _check_loopback, _free_port, load_fixture, loopback_host
@@ -229,6 +233,7 @@ class SimulatedSmartDevice:
         mode: str = "normal",
         clock: Callable[[], datetime] = datetime.now,
         voltage_v: float = 230.0,
+        encrypt_info: bool = False,
     ) -> None:
         dump = (
             copy.deepcopy(dict(fixture)) if isinstance(fixture, Mapping) else load_fixture(fixture)
@@ -246,6 +251,9 @@ class SimulatedSmartDevice:
         self.is_strip = strip
         #: Mains voltage get_emeter_data reports (the dumps hold none).
         self.voltage_v = voltage_v
+        #: Newer firmware adds ``encrypt_info`` to its discovery answer: a
+        #: JSON block AES-encrypted with a key sealed by the probe's RSA key.
+        self.encrypt_info = encrypt_info
         self._lock = threading.Lock()
         self._dump = dump
         self.discovery_result = copy.deepcopy(dump.get("discovery_result", {}).get("result", {}))
@@ -381,6 +389,10 @@ class SimulatedSmartDevice:
         # Firmware that speaks KLAP says so; P115 1.2.3 said AES in the dump,
         # its 1.3 firmware KLAP, which is what this simulator speaks.
         scheme.update(encrypt_type="KLAP", lv=2, http_port=http_port, is_support_https=False)
+        if self.encrypt_info:
+            sealed = _sealed_info(probe[_TDP_HEADER.size :], {"owner": self.owner})
+            if sealed is not None:
+                result["encrypt_info"] = sealed
         body = json.dumps({"error_code": 0, "result": result}, separators=(",", ":")).encode()
         header = bytearray(_TDP_HEADER.pack(2, 0, 1, len(body), 17, 0, serial, _TDP_CRC_SEED))
         packet = header + body
@@ -566,6 +578,38 @@ class SimulatedSmartDevice:
     def __repr__(self) -> str:
         kind = "strip" if self.is_strip else "plug"
         return f"<SimulatedSmartDevice {self.model} {kind} {self.host}:{self.port} {self.mode}>"
+
+
+def _sealed_info(probe_body: bytes, info: Mapping[str, Any]) -> dict[str, str] | None:
+    """``encrypt_info`` as newer firmware sends it: ``info`` encrypted with a
+    fresh AES key and IV, which are sealed with the prober's RSA public key
+    (OAEP, SHA-1). None if the probe carries no usable key."""
+    try:
+        pem = json.loads(probe_body)["params"]["rsa_key"]
+        public_key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(public_key, RSAPublicKey):
+        return None
+    key_and_iv = secrets.token_bytes(32)
+    sealed_key = public_key.encrypt(
+        key_and_iv,
+        asymmetric_padding.OAEP(
+            mgf=asymmetric_padding.MGF1(algorithm=hashes.SHA1()),
+            algorithm=hashes.SHA1(),
+            label=None,
+        ),
+    )
+    padder = padding.PKCS7(128).padder()
+    plain = json.dumps({"connect_ssid": "", "connect_type": "wireless", **info}).encode()
+    padded = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(key_and_iv[:16]), modes.CBC(key_and_iv[16:])).encryptor()
+    data = encryptor.update(padded) + encryptor.finalize()
+    return {
+        "sym_schm": "AES",
+        "key": base64.b64encode(sealed_key).decode(),
+        "data": base64.b64encode(data).decode(),
+    }
 
 
 def make_smart_devices(

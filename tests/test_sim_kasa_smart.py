@@ -3,6 +3,7 @@ the protocol (python-kasa itself talks to it in test_kasa_smart.py)."""
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import http.client
@@ -183,3 +184,36 @@ def test_strip_children_listed_by_pages_and_reached_by_control_child():
 def test_loopback_only():
     with pytest.raises(ValueError):
         SimulatedSmartDevice(SMART_FIXTURES[0], host="192.168.1.20")
+
+
+def test_encrypt_info_sealed_with_the_probes_rsa_key(subnet):
+    """Newer firmware's encrypt_info: readable with the prober's private key only."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    payload = json.dumps({"params": {"rsa_key": pem.decode()}}).encode()
+    header = struct.pack(">BBHHBBII", 2, 0, 1, len(payload), 17, 0, 1, 0x5A6B7C8D)
+    plug = SimulatedSmartDevice(
+        SMART_FIXTURES[0], host=f"{subnet}.2", username=USERNAME, encrypt_info=True
+    )
+    answer = plug.discovery_answer(header + payload, 80)
+    info = json.loads(answer[16:])["result"]["encrypt_info"]
+    assert info["sym_schm"] == "AES"
+    oaep = asymmetric_padding.OAEP(
+        mgf=asymmetric_padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None
+    )
+    key_and_iv = private_key.decrypt(base64.b64decode(info["key"]), oaep)
+    cipher = Cipher(algorithms.AES(key_and_iv[:16]), modes.CBC(key_and_iv[16:]))
+    decryptor = cipher.decryptor()
+    padded = decryptor.update(base64.b64decode(info["data"])) + decryptor.finalize()
+    data = json.loads(padded[: -padded[-1]])
+    assert data["owner"] == plug.owner and data["connect_type"] == "wireless"
+    # A probe without a key gets no encrypt_info (as python-kasa's older probe).
+    bare = plug.discovery_answer(struct.pack(">BBHHBBII", 2, 0, 1, 0, 17, 0, 1, 0), 80)
+    assert "encrypt_info" not in json.loads(bare[16:])["result"]
