@@ -419,7 +419,8 @@ class KasaCollector(collector.Collector):
         if device.handle is not None:
             return device.handle
         if static.failure is not None:
-            raise static.failure
+            # Raised again every cycle: without its old traceback, which would grow.
+            raise static.failure.with_traceback(None)
         raise ConnectionError("not connected; tried again at rediscovery")
 
     def _lifetime(self, stable_id: str) -> LifetimeKwh:
@@ -441,7 +442,28 @@ class KasaCollector(collector.Collector):
             raise
         self._refused_polls.pop(device.stable_id, None)
         try:
-            await kasa_device.update()
+            try:
+                await kasa_device.update()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, AuthenticationError) or await _refuses(kasa_device):
+                    raise AuthenticationError(str(exc)) from None
+                raise
+        except AuthenticationError:
+            # Refused in mid-life (the account's password changed): not asked
+            # again before the next rediscovery.
+            await _disconnect(kasa_device)
+            refusal = CredentialsRefused(self._refusal())
+            device.handle = None
+            static = self._static.get(device.stable_id)
+            if static is not None:
+                static.failure = refusal
+            else:
+                self._handles.pop(device.stable_id, None)
+                self._refused[device.stable_id] = str(refusal)
+            self._refused_polls[device.stable_id] = f"{device.name} at {device.address}"
+            raise refusal from None
         except BaseException:
             # Drop the connection (and its HTTP session) so the next cycle starts clean.
             await _disconnect(kasa_device)
@@ -477,6 +499,22 @@ class KasaCollector(collector.Collector):
                 f"{len(self._refused_polls)} device(s) ({names}) "
                 + credentials_problem(self.credentials is not None)
             )
+
+
+async def _refuses(device: Device) -> bool:
+    """After a failed update, whether a KLAP device refuses our credentials:
+    python-kasa 0.12 turns a refused handshake during an update into
+    per-method errors, so shake hands once more to tell."""
+    transport = getattr(getattr(device, "protocol", None), "_transport", None)
+    if type(transport).__name__ not in ("KlapTransport", "KlapTransportV2"):
+        return False
+    try:
+        await transport.perform_handshake()
+    except AuthenticationError:
+        return True
+    except Exception:  # any other failure is not a refusal
+        return False
+    return False
 
 
 def _mac_or_host(device: Device) -> str:

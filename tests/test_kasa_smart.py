@@ -422,3 +422,37 @@ def test_refusal_said_once_not_retried_every_cycle_but_at_rediscovery(
     assert len(said) == 1 and plug.host in said[0]
     assert PASSWORD not in caplog.text
     assert plug.handshake1_count == 3  # one per rediscovery
+
+
+def test_refused_in_mid_life_is_said_plainly_and_not_retried_each_cycle(
+    carbon_server, tmp_path, subnet, caplog
+):
+    """The account's password changes while the collector runs: the session
+    ends, the next handshake is refused; said once, not retried each cycle."""
+    plug = smart(SMART_FIXTURES[1], f"{subnet}.2", "tv")
+    with SmartKasaSimulator([plug], discovery_host=f"{subnet}.1") as sim:
+        where = {"KASA_HOSTS": [f"{plug.host}:{sim.port}"], "KASA_DISCOVERY_ENABLED": False}
+        runtime = collector.Runtime("kasa", settings_for(tmp_path, carbon_server, **where))
+
+        async def scenario() -> tuple[list[tuple[int, int]], int]:
+            kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
+            loop = collector.PollLoop(kasa, interval_s=30)
+            await loop.rediscover()
+            results = [(await loop.cycle(int(time.time())))[:2]]
+            plug.owner_hash = auth_hash(USERNAME, "changed")
+            plug.sessions.clear()  # the device forgets the session
+            results.append((await loop.cycle(int(time.time())))[:2])
+            # python-kasa itself retries within that update (0.12: per method).
+            attempts = plug.handshake1_count
+            for _ in range(3):
+                results.append((await loop.cycle(int(time.time())))[:2])
+            await kasa.close()
+            return results, plug.handshake1_count - attempts
+
+        caplog.set_level(logging.INFO, logger="kasa")
+        results, attempts = asyncio.run(scenario())
+        runtime.close()
+    assert results == [(1, 0)] + [(0, 1)] * 4
+    said = [r.getMessage() for r in caplog.records if "KASA_USERNAME" in r.getMessage()]
+    assert len(said) == 1 and "refused" in said[0]
+    assert attempts == 0  # not asked again before the next rediscovery
