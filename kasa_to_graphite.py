@@ -157,9 +157,8 @@ class _StaticHost:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.device = collector.Device(
-            stable_id=f"{host}:{port}", name=f"{host}:{port}", address=host
-        )
+        # Named by its address until it says its own name.
+        self.device = collector.Device(stable_id=f"{host}:{port}", name=host, address=host)
         self.connecting: asyncio.Task | None = None
         self.failure: Exception | None = None  # why the last attempt failed
 
@@ -236,6 +235,12 @@ class KasaCollector(collector.Collector):
         row = list(super().discover_row(device))
         if device.handle is not None:  # a static host's id is its address
             row[1] = stable_id(device.handle.mac)
+        else:  # what it measures is not known: it did not let us in
+            static = self._static.get(device.stable_id)
+            refused = device.stable_id in self._refused or (
+                static is not None and isinstance(static.failure, CredentialsRefused)
+            )
+            row[4] = "? (credentials refused)" if refused else "? (not answering)"
         return row
 
     async def _broadcast(self) -> tuple[list[Device], list[Device]]:
@@ -438,7 +443,7 @@ class KasaCollector(collector.Collector):
         try:
             kasa_device = device.handle or await self._connected(device)
         except CredentialsRefused:
-            self._refused_polls[device.stable_id] = f"{device.name} at {device.address}"
+            self._refused_polls[device.stable_id] = _where(device)
             raise
         self._refused_polls.pop(device.stable_id, None)
         try:
@@ -462,7 +467,7 @@ class KasaCollector(collector.Collector):
             else:
                 self._handles.pop(device.stable_id, None)
                 self._refused[device.stable_id] = str(refusal)
-            self._refused_polls[device.stable_id] = f"{device.name} at {device.address}"
+            self._refused_polls[device.stable_id] = _where(device)
             raise refusal from None
         except BaseException:
             # Drop the connection (and its HTTP session) so the next cycle starts clean.
@@ -515,6 +520,10 @@ async def _refuses(device: Device) -> bool:
     except Exception:  # any other failure is not a refusal
         return False
     return False
+
+
+def _where(device: collector.Device) -> str:
+    return device.name if device.name == device.address else f"{device.name} at {device.address}"
 
 
 def _mac_or_host(device: Device) -> str:
