@@ -141,6 +141,7 @@ def background(stack: contextlib.ExitStack, run: Callable[[threading.Event], Non
 
 def kasa_source(stack: contextlib.ExitStack, work: Path) -> Source:
     from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
+    from simulators.kasa_smart import SimulatedSmartDevice, SmartKasaSimulator
 
     kettle = SimulatedKasaDevice("KP115(EU)_1.0_1.0.16.json", host=loopback_host(0), alias="Kettle")
     fridge = SimulatedKasaDevice("HS110(EU)_1.0_1.2.5.json", host=loopback_host(1), alias="Fridge")
@@ -158,6 +159,16 @@ def kasa_source(stack: contextlib.ExitStack, work: Path) -> Source:
     for device, counter in counters.items():
         device.set_realtime(total_kwh=counter.kwh, today_kwh=0.8)
     simulator = stack.enter_context(KasaSimulator([kettle, fridge, lamp, strip]))
+    # A Tapo plug (smart protocol over KLAP, the owner's TP-Link account),
+    # found by the same discovery.
+    account = {"username": "demo@example.com", "password": "demo-password"}
+    tv = SimulatedSmartDevice(
+        "smart_P110(UK)_1.0_1.3.0.json", host=loopback_host(4), alias="TV", **account
+    )
+    stack.enter_context(
+        SmartKasaSimulator([tv], port=simulator.port, discovery_host=simulator.discovery_host)
+    )
+    tv.set_relay(True)
 
     def tick(elapsed_s: float) -> None:
         loads = appliance_watts(elapsed_s)
@@ -170,13 +181,19 @@ def kasa_source(stack: contextlib.ExitStack, work: Path) -> Source:
                 total_kwh=counters[device].add(watts, elapsed_s),
             )
         lamp.set_relay(int(elapsed_s // 15) % 2 == 0)
+        tv.set_energy(power_w=85.0 + 5.0 * math.sin(elapsed_s / 5))
 
     return Source(
         "kasa",
         "kasa_to_graphite.py",
-        "a Kasa HS300 strip (6 outlets), 2 metering plugs and a plain one, found by discovery",
+        "a Kasa HS300 strip (6 outlets), 2 metering plugs, a plain one and a Tapo P110,"
+        " found by discovery",
         args=["--target", f"{simulator.discovery_host}:{simulator.port}"],
-        settings={"KASA_DISCOVERY_TIMEOUT_S": 1.0},
+        settings={
+            "KASA_DISCOVERY_TIMEOUT_S": 1.0,
+            "KASA_USERNAME": account["username"],
+            "KASA_PASSWORD": account["password"],
+        },
         tick=tick,
     )
 

@@ -31,11 +31,16 @@ def test_bench_kasa_quick():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "late-prompt" in out and "dead adds nothing" in out, out
-    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["10"])]
-    assert len(rows) == 4, out  # figures and verdicts for N=1 and N=10
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["legacy"], ["smart"]) and line.split()[1:2] in (["1"], ["10"])
+    ]
+    assert len(rows) == 8, out  # figures and verdicts for N=1 and N=10, legacy and smart
     # Every live plug's lines went out in every cycle, whatever the timings.
-    verdicts = [row for row in rows if row[1] in ("met", "MISSED")]
-    assert [row[-1] for row in verdicts] == ["met", "met"], out
+    verdicts = [row for row in rows if row[2] in ("met", "MISSED")]
+    assert [row[-1] for row in verdicts] == ["met"] * 4, out
+    assert "every poll on a new KLAP session" in out, out
     assert "all targets met:" in out
 
 

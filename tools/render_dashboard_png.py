@@ -6,8 +6,8 @@ that the real collectors filled from a simulated home.
 
 Starts carbon-cache (with graphite/'s storage configs), graphite-web and
 Mosquitto on loopback in a temporary directory, and simulates a home:
-Kasa plugs, Tuya plugs and two Eastron circuit meters answering the real
-collector code, an ESP32 pulse reader posting to the real receiver, and a
+Kasa plugs (one a Tapo P110 on KLAP), Tuya plugs and two Eastron circuit
+meters answering the real collector code, an ESP32 pulse reader posting to the real receiver, and a
 Glow display publishing to the real MQTT collector. The history is
 backdated: the ESP32 and the Glow display run on simulated clocks and stamp
 their own readings; the plugs and circuit meters are polled by the
@@ -53,6 +53,7 @@ from harness.mosquitto import MosquittoBroker  # noqa: E402
 from simulators.esp32 import SimClock, SimulatedEsp32  # noqa: E402
 from simulators.glow import Publisher, SimulatedGlow  # noqa: E402
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice  # noqa: E402
+from simulators.kasa_smart import SimulatedSmartDevice, SmartKasaSimulator  # noqa: E402
 from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM630  # noqa: E402
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator, plug_dps  # noqa: E402
 from tools import build_dashboard  # noqa: E402
@@ -74,11 +75,13 @@ GLOW_ID = "1A2B3C4D5E6F"
 # Device name -> (collector, fixture). The monitor is plugged into the office plug.
 KASA_DEVICES = {
     "Kettle": "KP115(EU)_1.0_1.0.16.json",
-    "Fridge": "HS110(EU)_4.0_1.0.4.json",
     "Office": "KP125(US)_1.0_1.0.6.json",
     "Monitor": "EP25(US)_1.0_1.0.14.json",
     "Lamp": "HS110(EU)_1.0_1.2.5.json",
 }
+# A Tapo plug (smart protocol over KLAP, the owner's TP-Link account).
+TAPO_DEVICES = {"Fridge": "smart_P110(UK)_1.0_1.3.0.json"}
+TAPO_ACCOUNT = {"username": "home@example.com", "password": "simulated-home-password"}
 # Device name -> the devices.json entry it is served from (a mapped 3.3 and 3.4 plug).
 TUYA_DEVICES = {"Washing machine": "Amaryllis Fridge", "Freezer": "Kettle"}
 CIRCUITS = {"Heat pump": 1, "EV charger": 2}  # name -> Modbus unit
@@ -218,10 +221,25 @@ class SimulatedHome:
         }
         simulator = KasaSimulator(self.kasa.values())
         self._stack.enter_context(simulator)
+        self.tapo = {
+            name: SimulatedSmartDevice(
+                fixture, host=f"{self._subnet}{i + 10}", alias=name, voltage_v=VOLTS, **TAPO_ACCOUNT
+            )
+            for i, (name, fixture) in enumerate(TAPO_DEVICES.items())
+        }
+        smart = SmartKasaSimulator(
+            self.tapo.values(), port=simulator.port, discovery_host=f"{self._subnet}1"
+        )
+        self._stack.enter_context(smart)
+        self._tapo_start_kwh = {name: self.energy_kwh[name] for name in self.tapo}
         self.settings.update(
-            KASA_HOSTS=[f"{d.host}:{simulator.port}" for d in self.kasa.values()],
+            KASA_HOSTS=[
+                f"{d.host}:{simulator.port}" for d in (*self.kasa.values(), *self.tapo.values())
+            ],
             KASA_DISCOVERY_ENABLED=False,
             KASA_DISCOVERY_TIMEOUT_S=1.0,
+            KASA_USERNAME=TAPO_ACCOUNT["username"],
+            KASA_PASSWORD=TAPO_ACCOUNT["password"],
         )
 
     def _start_tuya(self) -> None:
@@ -285,6 +303,15 @@ class SimulatedHome:
                 voltage_v=VOLTS,
                 current_a=round(watts / VOLTS, 3),
                 total_kwh=self.energy_kwh[name],
+            )
+        for name, tapo in self.tapo.items():
+            # Its own counters: today's energy (the history fits in one day)
+            # and the month's; the collector makes energy_kwh from them.
+            tapo.set_relay(True)
+            tapo.set_energy(
+                power_w=loads[name],
+                today_kwh=self.energy_kwh[name] - self._tapo_start_kwh[name],
+                month_kwh=self.energy_kwh[name],
             )
         for name, device in self.tuya.items():
             device.set_dps(plug_dps(loads[name], VOLTS, energy_kwh=self.energy_kwh[name]))
