@@ -24,7 +24,7 @@ import collector
 from graphite_helper import CarbonClient, Spool
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
-from tests.conftest import carbon_arg, start_collector, stop_collector
+from tests.helpers import carbon_arg, start_collector, stop_collector
 from tests.test_collector import FakeSource, RecordingSink
 
 TS = 1_700_000_000

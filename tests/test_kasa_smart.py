@@ -26,7 +26,7 @@ from simulators.kasa_smart import (
     SmartKasaSimulator,
     auth_hash,
 )
-from tests.conftest import carbon_arg, run_collector
+from tests.helpers import carbon_arg, run_collector
 
 PREFIX = "home.electricity.kasa"
 USERNAME = "owner@example.com"
