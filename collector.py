@@ -27,14 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from graphite_helper import (
-    CarbonClient,
-    InvalidMetric,
-    Spool,
-    format_line,
-    metric_path,
-)
+from carbon_client import CarbonClient
+from graphite_helper import InvalidMetric, format_line, metric_path
 from settings import SECRET_SETTINGS, ConfigError, load_settings, parse_host_port
+from spool import Spool
 from state import NameMap, StateLock, prepare_state_dir, state_dir_error
 
 EXIT_OK = 0

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
-from graphite_helper import CarbonClient, format_line  # noqa: E402
+from carbon_client import CarbonClient  # noqa: E402
+from graphite_helper import format_line  # noqa: E402
 from harness.carbon import CarbonServer, free_port, terminate  # noqa: E402
 from harness.relay import CarbonRelay  # noqa: E402
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sending benchmark: graphite_helper.CarbonClient against raw sendall, and spool replay.
+"""Sending benchmark: carbon_client.CarbonClient against raw sendall, and spool replay.
 
 1. Lines per second through ``CarbonClient.send_lines`` (confirmed delivery,
    50,000-line batches) into a real carbon-cache and into a plain loopback
@@ -42,9 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import carbon_client
 import graphite_helper
-from graphite_helper import CarbonClient, Spool
+import spool
+from carbon_client import CarbonClient
 from harness.carbon import CarbonNotFoundError, CarbonServer
+from spool import Spool
 
 TARGET_RATIO = 0.70
 LOOPBACK = "127.0.0.1"
@@ -180,11 +183,11 @@ def client_send(address: tuple[str, int], lines: Sequence[str]) -> float:
 def validation_skipped():
     """What-if: CarbonClient trusting its lines (format_line checked them when made)."""
     checked = graphite_helper.is_valid_line
-    graphite_helper.is_valid_line = lambda line: True
+    carbon_client.is_valid_line = spool.is_valid_line = lambda line: True
     try:
         yield
     finally:
-        graphite_helper.is_valid_line = checked
+        carbon_client.is_valid_line = spool.is_valid_line = checked
 
 
 def client_breakdown(lines: Sequence[str]) -> dict[str, float]:

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
-from graphite_helper import SEGMENT_NAME  # noqa: E402
 from harness.carbon import CarbonNotFoundError, CarbonServer  # noqa: E402
+from spool import SEGMENT_NAME  # noqa: E402
 
 POLLED = ("kasa", "tuya", "circuit")
 # One minute of Carbon faults, repeated: (mode, seconds).

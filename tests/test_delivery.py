@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 import collector
-from graphite_helper import CarbonClient, Spool
+from carbon_client import CarbonClient
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
+from spool import Spool
 from tests.helpers import carbon_arg, start_collector, stop_collector
 from tests.test_collector import FakeSource, RecordingSink
 
@@ -545,11 +546,11 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
 def test_a_cycles_appends_share_one_fsync(tmp_path, stand_in, monkeypatch):
     """With a sender, appends never fsync themselves: the sender syncs what a
     cycle appended once, at most once per interval (SD-card wear)."""
-    import graphite_helper
+    import spool as spool_module
 
     calls = []
     real_fsync = os.fsync
-    monkeypatch.setattr(graphite_helper.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
     carbon = stand_in("forget")
     client = CarbonClient(
         [carbon.address], timeout_s=2, spool=Spool(tmp_path, fsync_interval_s=3600)

@@ -26,7 +26,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graphite_helper import CarbonClient, format_line
+from carbon_client import CarbonClient
+from graphite_helper import format_line
 from harness.carbon import CarbonNotFoundError
 from harness.graphite_web import GraphiteWeb, GraphiteWebNotFoundError, graphite_module_file
 from harness.mosquitto import MosquittoNotFoundError

@@ -11,16 +11,16 @@ import time
 
 import pytest
 
+from carbon_client import CarbonClient
 from graphite_helper import (
-    CarbonClient,
     InvalidMetric,
-    Spool,
     format_device_name,
     format_line,
     is_valid_line,
     is_valid_path,
     metric_path,
 )
+from spool import Spool
 
 TS = 1_700_000_000
 
@@ -294,11 +294,11 @@ def test_spool_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
     """A long outage appends every second; an SD card should not see an
     fsync each time. Appends still reach the file (and survive a process
     crash) at once."""
-    import graphite_helper
+    import spool as spool_module
 
     calls = []
     real_fsync = os.fsync
-    monkeypatch.setattr(graphite_helper.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
     spool = Spool(tmp_path, fsync_interval_s=3600)
     for start in range(0, 50, 5):
         spool.append(lines(5, start=start))

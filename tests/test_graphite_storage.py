@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import settings
-from graphite_helper import CarbonClient, format_line
+from carbon_client import CarbonClient
+from graphite_helper import format_line
 from harness.carbon import CarbonNotFoundError, CarbonServer, find_carbon_python
 
 ROOT = Path(__file__).resolve().parents[1]
