@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import circuit_sdm
-import collector
 from circuit_model import (
     Circuit,
     CircuitReader,
@@ -27,6 +26,7 @@ from circuit_model import (
     MeterException,
     NoAnswer,
 )
+from runtime import Runtime
 
 _MODBUS_EXCEPTIONS = {
     0x01: "illegal function",
@@ -132,7 +132,7 @@ class ModbusBus:
 class ModbusReader(CircuitReader):
     """Eastron SDM120/SDM630 over Modbus TCP gateways or RS-485 serial ports."""
 
-    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Circuit]) -> None:
+    def __init__(self, runtime: Runtime, circuits: Sequence[Circuit]) -> None:
         super().__init__(runtime, circuits)
         # pymodbus logs every exception reply and timeout at ERROR; they are
         # counted and logged once per failing meter by the collector instead.

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import circuit_sdm
-import collector
 from graphite_helper import format_device_name
+from runtime import Runtime
 from settings import ConfigError, parse_host_port
 
 METRICS = (
@@ -409,7 +409,7 @@ class CircuitReader:
     takes too long. ``close()`` releases connections at exit.
     """
 
-    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Circuit]) -> None:
+    def __init__(self, runtime: Runtime, circuits: Sequence[Circuit]) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.log = runtime.log

@@ -47,12 +47,13 @@ from circuit_model import (
     parse_circuits,
     range_for,
 )
+from runtime import Once, Runtime, run_source
 from settings import ConfigError
 
 # --- Readers: one per kind of meter -------------------------------------------------
 
 
-def tuya_reader(runtime: collector.Runtime, circuits: Sequence[Circuit]) -> CircuitReader:
+def tuya_reader(runtime: Runtime, circuits: Sequence[Circuit]) -> CircuitReader:
     """The Tuya DIN-meter reader, ``circuit_tuya.TuyaCircuitReader``, imported
     only when a Tuya circuit is configured (a Modbus-only setup never loads
     tinytuya)."""
@@ -66,7 +67,7 @@ def tuya_reader(runtime: collector.Runtime, circuits: Sequence[Circuit]) -> Circ
 
 
 # Kind -> reader: a CircuitReader class, or a callable with the same signature.
-READERS: dict[str, Callable[[collector.Runtime, Sequence[Circuit]], CircuitReader]] = {
+READERS: dict[str, Callable[[Runtime, Sequence[Circuit]], CircuitReader]] = {
     "modbus-tcp": ModbusReader,
     "modbus-rtu": ModbusReader,
     "tuya": tuya_reader,
@@ -82,7 +83,7 @@ class CircuitCollector(collector.Collector):
     interval_setting = "circuit_interval_s"
     discover_columns = ("circuit", "id", "kind", "connection", "profile", "answer")
 
-    def __init__(self, runtime: collector.Runtime, args: argparse.Namespace) -> None:
+    def __init__(self, runtime: Runtime, args: argparse.Namespace) -> None:
         super().__init__(runtime, args)
         self.circuits = parse_circuits(self.settings.circuits, self.settings.circuit_ranges)
         if not self.circuits:
@@ -101,10 +102,9 @@ class CircuitCollector(collector.Collector):
             runtime.names.pin(circuit.stable_id, circuit.segment)
         for counter in HEALTH_COUNTERS:
             runtime.health.count(counter, 0)
-        self._out_of_range = collector.Once(self.log)  # (stable id, metric)
-        self._answers: dict[str, str] = {}
+        self._out_of_range = Once(self.log)  # (stable id, metric)
 
-    # --- discover: the configured circuits (probed with --discover) ----------------
+    # --- discover: the configured circuits (probed once with --discover) -----------
 
     async def discover(self) -> list[collector.Device]:
         devices = [
@@ -118,10 +118,22 @@ class CircuitCollector(collector.Collector):
             )
             for circuit in self.circuits
         ]
-        if self.args.discover:
-            answers = await asyncio.gather(*(self._probe(circuit) for circuit in self.circuits))
-            self._answers = {c.stable_id: answer for c, answer in zip(self.circuits, answers)}
         return devices
+
+    async def discover_rows(self) -> list[Sequence[str]]:
+        """--discover: every configured circuit, probed once."""
+        answers = await asyncio.gather(*(self._probe(circuit) for circuit in self.circuits))
+        return [
+            (
+                circuit.name,
+                circuit.stable_id,
+                circuit.kind,
+                circuit.address,
+                circuit.profile,
+                answer,
+            )
+            for circuit, answer in zip(self.circuits, answers)
+        ]
 
     async def _probe(self, circuit: Circuit) -> str:
         try:
@@ -139,17 +151,6 @@ class CircuitCollector(collector.Collector):
         except Exception as exc:
             return f"failed: {exc.__class__.__name__}: {exc}"
         return describe_values(values)
-
-    def discover_row(self, device: collector.Device) -> Sequence[str]:
-        circuit: Circuit = device.handle
-        return (
-            circuit.name,
-            circuit.stable_id,
-            circuit.kind,
-            circuit.address,
-            circuit.profile,
-            self._answers.get(circuit.stable_id, ""),
-        )
 
     # --- poll and extract ----------------------------------------------------------
 
@@ -191,7 +192,7 @@ class CircuitCollector(collector.Collector):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return collector.main(CircuitCollector, argv)
+    return run_source(CircuitCollector, argv)
 
 
 if __name__ == "__main__":

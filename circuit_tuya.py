@@ -19,11 +19,11 @@ import math
 import time
 from collections.abc import Sequence
 
-import collector
 import tuya_devicefile as devicefile
 import tuya_link as link
 import tuya_scaling as scaling
 from circuit_model import Circuit, CircuitReader, CircuitReadError, NoAnswer
+from runtime import Once, Runtime
 from settings import ConfigError
 from state import EnergyIntegrator
 
@@ -31,7 +31,7 @@ from state import EnergyIntegrator
 class TuyaCircuitReader(CircuitReader):
     """Tuya DIN meters and clamps, one connection (and thread) per meter."""
 
-    def __init__(self, runtime: collector.Runtime, circuits: Sequence[Circuit]) -> None:
+    def __init__(self, runtime: Runtime, circuits: Sequence[Circuit]) -> None:
         super().__init__(runtime, circuits)
         self.tuya = link.TuyaSettings.load(self.settings)
         entries, problems = devicefile.load_devices_file(self.tuya.devices_path)
@@ -58,7 +58,7 @@ class TuyaCircuitReader(CircuitReader):
         )
         self._listen_lock = asyncio.Lock()
         self._next_listen = -math.inf
-        self._said = collector.Once(self.log)  # (device id, subject)
+        self._said = Once(self.log)  # (device id, subject)
 
     async def read(self, circuit: Circuit) -> dict[str, float]:
         entry, _ = self.meters[circuit.stable_id]

@@ -42,7 +42,6 @@ from waitress.utilities import BadRequest as WaitressBadRequest
 from waitress.utilities import ServerNotImplemented
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-import collector
 from esp32_accounting import (
     ACCEPTED,
     DUPLICATE,
@@ -53,6 +52,17 @@ from esp32_accounting import (
     MeterAccounts,
     MeterReading,
 )
+from runtime import (
+    EXIT_NO_DEVICE,
+    EXIT_OK,
+    EXIT_UNDELIVERED,
+    LineBatcher,
+    Runtime,
+    Source,
+    format_table,
+    run_source,
+)
+from service import sd_notify, stop_on_signals
 from settings import ConfigError
 from state import atomic_write_json
 
@@ -397,7 +407,7 @@ class MeterReceiver:
         "connections_dropped",
     )
 
-    def __init__(self, runtime: collector.Runtime, tokens: TokenCheck) -> None:
+    def __init__(self, runtime: Runtime, tokens: TokenCheck) -> None:
         self.runtime = runtime
         self.settings = settings = runtime.settings
         self.log = runtime.log
@@ -418,7 +428,7 @@ class MeterReceiver:
             runtime.health.count(f"readings_{outcome}", 0)
         self._complaints: dict[tuple[str, str], float] = {}
         interval_s = settings.meter_interval_s
-        self.batcher = collector.LineBatcher(
+        self.batcher = LineBatcher(
             runtime, interval_s, periodic=self.periodic, periodic_interval_s=interval_s
         )
 
@@ -955,14 +965,6 @@ class ReceiverServer:
 # --- Running it ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = collector.build_parser(SOURCE, "ESP32 meter pulse reader: HTTP receiver to Graphite")
-    parser.prog = "esp32_receiver"
-    parser.add_argument("--bind", metavar="ADDRESS", help="listen address (ESP32_BIND)")
-    parser.add_argument("--port", type=int, metavar="N", help="listen port (ESP32_PORT)")
-    return parser
-
-
 def discover_table(receiver: MeterReceiver) -> str:
     """--discover: the devices that have posted (from the saved state)."""
     rows = []
@@ -979,12 +981,10 @@ def discover_table(receiver: MeterReceiver) -> str:
             )
         )
     columns = ("name", "device id", "firmware", "energy kWh", "last post")
-    return collector.format_table(columns, rows)
+    return format_table(columns, rows)
 
 
-def open_receiver(
-    runtime: collector.Runtime, tokens: TokenCheck
-) -> tuple[MeterReceiver, ReceiverServer]:
+def open_receiver(runtime: Runtime, tokens: TokenCheck) -> tuple[MeterReceiver, ReceiverServer]:
     """The receiver and its listening server; raises ConfigError."""
     settings = runtime.settings
     if not tokens.enabled and not is_loopback(settings.esp32_bind):
@@ -992,7 +992,6 @@ def open_receiver(
             f"ESP32_TOKEN: no token set; set ESP32_TOKEN (or ESP32_DEVICE_TOKENS) before"
             f" listening on {settings.esp32_bind}, or use --bind 127.0.0.1"
         )
-    runtime.lock()
     receiver = MeterReceiver(runtime, tokens)
     try:
         server = ReceiverServer(
@@ -1003,7 +1002,6 @@ def open_receiver(
             on_dropped=receiver.dropped_connection,
         )
     except OSError as exc:
-        runtime.close()
         raise ConfigError(
             f"ESP32_PORT: cannot listen on {settings.esp32_bind}:{settings.esp32_port}:"
             f" {exc.strerror or exc}"
@@ -1013,13 +1011,13 @@ def open_receiver(
 
 def serve(
     args: argparse.Namespace,
-    runtime: collector.Runtime,
+    runtime: Runtime,
     receiver: MeterReceiver,
     server: ReceiverServer,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or, with --once, the first accepted
     reading); then finish, send or spool what is left, save the state."""
-    with collector.stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         if not receiver.tokens.enabled:
             runtime.log.warning("no token set: any local client may post (loopback only)")
         receiver.batcher.start()
@@ -1031,7 +1029,7 @@ def serve(
             READINGS_PATH,
             "stdout" if runtime.dry_run else runtime.sink.describe_destinations(),
         )
-        collector.sd_notify("READY=1")
+        sd_notify("READY=1")
         try:
             while not stop.is_set() and server.alive:
                 if args.once and receiver.first_accepted.is_set():
@@ -1039,40 +1037,53 @@ def serve(
                 stop.wait(0.2)
             server_died = not server.alive
         finally:
-            collector.sd_notify("STOPPING=1")
+            sd_notify("STOPPING=1")
             runtime.log.info("stopping: finishing requests under way, sending what is left")
             server.stop()
             delivered = receiver.batcher.stop()  # also saves the energy state
-            runtime.close()
     if server_died:
         print(f"{SOURCE}: the HTTP server stopped unexpectedly (see the log)", file=sys.stderr)
-        return collector.EXIT_UNDELIVERED
+        return EXIT_UNDELIVERED
     # A service reports how its last lines went; --once, how the whole run went.
     if not delivered or (args.once and not receiver.batcher.delivered_all):
         print(runtime.undelivered_message(), file=sys.stderr)
-        return collector.EXIT_UNDELIVERED
-    return collector.EXIT_OK
+        return EXIT_UNDELIVERED
+    return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        overrides = collector.common_overrides(args, "meter_interval_s")
+class Esp32Source(Source):
+    source = SOURCE
+    description = "ESP32 meter pulse reader: HTTP receiver to Graphite"
+    interval_setting = "meter_interval_s"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.prog = "esp32_receiver"
+        parser.add_argument("--bind", metavar="ADDRESS", help="listen address (ESP32_BIND)")
+        parser.add_argument("--port", type=int, metavar="N", help="listen port (ESP32_PORT)")
+
+    @classmethod
+    def overrides(cls, args: argparse.Namespace) -> dict[str, Any]:
+        overrides: dict[str, Any] = {}
         if args.bind:
             overrides["ESP32_BIND"] = args.bind
         if args.port is not None:
             overrides["ESP32_PORT"] = args.port
-        runtime = collector.open_runtime(SOURCE, args, overrides)
+        return overrides
+
+    @classmethod
+    def run(cls, runtime: Runtime, args: argparse.Namespace) -> int:
         tokens = check_tokens(runtime.settings)
         if args.discover:
             receiver = MeterReceiver(runtime, tokens)
             sys.stdout.write(discover_table(receiver))
-            return collector.EXIT_OK if receiver.accounts.devices else collector.EXIT_NO_DEVICE
+            return EXIT_OK if receiver.accounts.devices else EXIT_NO_DEVICE
         receiver, server = open_receiver(runtime, tokens)
-    except ConfigError as exc:
-        print(f"{SOURCE}: {exc}", file=sys.stderr)
-        return collector.EXIT_CONFIG
-    return serve(args, runtime, receiver, server)
+        return serve(args, runtime, receiver, server)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_source(Esp32Source, argv)
 
 
 if __name__ == "__main__":

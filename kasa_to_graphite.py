@@ -29,6 +29,7 @@ from kasa import AuthenticationError, Credentials, Device, DeviceConfig, Discove
 
 import collector
 from kasa_energy import SmartEnergyTotals
+from runtime import Once, Runtime, run_source
 from settings import ConfigError, parse_host_port
 
 KASA_PORT = 9999
@@ -194,7 +195,7 @@ class KasaCollector(collector.Collector):
             overrides["KASA_DISCOVERY_ENABLED"] = True
         return overrides
 
-    def __init__(self, runtime: collector.Runtime, args: argparse.Namespace) -> None:
+    def __init__(self, runtime: Runtime, args: argparse.Namespace) -> None:
         super().__init__(runtime, args)
         settings = self.settings
         self.credentials = None
@@ -221,7 +222,7 @@ class KasaCollector(collector.Collector):
         self._devices: dict[str, collector.Device] = {}  # broadcast devices by MAC
         self._refused: dict[str, str] = {}  # stable id -> what the device said
         self._refused_polls: dict[str, str] = {}  # stable id -> "name at address"
-        self._quiet = collector.Once(self.log)
+        self._quiet = Once(self.log)
         self._listing = bool(getattr(args, "discover", False))
         self._once = bool(getattr(args, "once", False))
         self.energy_totals = SmartEnergyTotals(runtime.state_path("smart_energy.json"))
@@ -542,7 +543,7 @@ async def _disconnect(device: Device) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return collector.main(KasaCollector, argv)
+    return run_source(KasaCollector, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ retried only every MQTT_AUTH_RETRY_S.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import math
@@ -38,7 +39,6 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-import collector
 from graphite_helper import is_valid_path
 from mqtt_glow import (
     GLOW_INVALID_POWER_KW,
@@ -56,6 +56,18 @@ from mqtt_rules import (
     split_filter,
     topic_matches,
 )
+from runtime import (
+    EXIT_CONFIG,
+    EXIT_NO_DEVICE,
+    EXIT_OK,
+    EXIT_UNDELIVERED,
+    LineBatcher,
+    Runtime,
+    Source,
+    format_table,
+    run_source,
+)
+from service import sd_notify, stop_on_signals
 from settings import ConfigError, parse_host_port
 from state import atomic_write_json, read_json
 
@@ -87,7 +99,7 @@ class Outcome:
 class MessageHandler:
     """Topic and payload in, Carbon lines out. No MQTT here: tests call it directly."""
 
-    def __init__(self, runtime: collector.Runtime, rules: RuleTable) -> None:
+    def __init__(self, runtime: Runtime, rules: RuleTable) -> None:
         self.runtime = runtime
         settings = runtime.settings
         self.rules = rules
@@ -557,13 +569,13 @@ def _no_answer(link: BrokerLink, waited_s: float) -> str:
     return f"{SOURCE}: no reading within {waited_s:g} s"
 
 
-def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> int:
+def listen(runtime: Runtime, handler: MessageHandler, once: bool) -> int:
     """Subscribe and send until stopped (or, with --once, until every source spoke)."""
     settings = runtime.settings
     wanted = set(handler.sources)
     heard: set[str] = set()
     all_heard = threading.Event()
-    batcher: collector.LineBatcher
+    batcher: LineBatcher
 
     def on_message(topic: str, payload: bytes, retained: bool) -> bool:
         outcome = handler.handle(topic, payload, retained, time.time())
@@ -581,7 +593,7 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
         client_suffix="-once" if once else "",
         persistent=not once,
     )
-    batcher = collector.LineBatcher(
+    batcher = LineBatcher(
         runtime,
         flush_interval_s=settings.mqtt_flush_interval_s,
         max_lines=settings.mqtt_flush_lines,
@@ -592,10 +604,10 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
     )
     # Installed before anything starts and kept until the last line is out: a
     # second SIGTERM or Ctrl-C cannot cut the final flush short.
-    with collector.stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         batcher.start()
         link.start()
-        collector.sd_notify("READY=1")
+        sd_notify("READY=1")
         runtime.log.info(
             "listening to broker %s, sending to %s",
             link.describe(),
@@ -605,7 +617,7 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
         while not stop.wait(0.2):
             if once and (all_heard.is_set() or link.refused or time.monotonic() >= deadline):
                 break
-        collector.sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1")
         # No message after this; what is waiting is sent or spooled.
         link.stop()
         batcher.stop()
@@ -613,26 +625,26 @@ def listen(runtime: collector.Runtime, handler: MessageHandler, once: bool) -> i
     delivered = batcher.delivered_all
     if not once:
         runtime.log.info("stopped")
-        return collector.EXIT_OK
+        return EXIT_OK
     if link.refused:
         print(
             f"{SOURCE}: broker {link.describe()} refused the login ({link.refused})",
             file=sys.stderr,
         )
-        return collector.EXIT_CONFIG
+        return EXIT_CONFIG
     if not delivered:
         print(runtime.undelivered_message(), file=sys.stderr)
-        return collector.EXIT_UNDELIVERED
+        return EXIT_UNDELIVERED
     if not heard:
         print(_no_answer(link, settings.mqtt_once_timeout_s), file=sys.stderr)
-        return collector.EXIT_NO_DEVICE
+        return EXIT_NO_DEVICE
     if heard < wanted:
         runtime.log.warning(
             "no reading within %g s from: %s",
             settings.mqtt_once_timeout_s,
             ", ".join(sorted(wanted - heard)),
         )
-    return collector.EXIT_OK
+    return EXIT_OK
 
 
 @dataclass
@@ -641,7 +653,7 @@ class TopicSeen:
     outcome: Outcome | None = None
 
 
-def discover(runtime: collector.Runtime, handler: MessageHandler) -> int:
+def discover(runtime: Runtime, handler: MessageHandler) -> int:
     """Listen to every topic for MQTT_DISCOVER_S; print each with what reads it."""
     settings = runtime.settings
     seen: dict[str, TopicSeen] = {}
@@ -656,7 +668,7 @@ def discover(runtime: collector.Runtime, handler: MessageHandler) -> int:
             entry.outcome = outcome
 
     link = BrokerLink(settings, ["#"], on_message, client_suffix="-discover", persistent=False)
-    with collector.stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         link.start()
         runtime.log.info(
             "listening to every topic on %s for %g s", link.describe(), settings.mqtt_discover_s
@@ -670,16 +682,14 @@ def discover(runtime: collector.Runtime, handler: MessageHandler) -> int:
             f"{SOURCE}: broker {link.describe()} refused the login ({link.refused})",
             file=sys.stderr,
         )
-        return collector.EXIT_CONFIG
+        return EXIT_CONFIG
     with lock:
         rows = [_discover_row(topic, entry) for topic, entry in sorted(seen.items())]
     if not rows:
         print(_no_answer(link, settings.mqtt_discover_s), file=sys.stderr)
-        return collector.EXIT_NO_DEVICE
-    sys.stdout.write(
-        collector.format_table(("topic", "messages", "rule", "device", "values"), rows)
-    )
-    return collector.EXIT_OK
+        return EXIT_NO_DEVICE
+    sys.stdout.write(format_table(("topic", "messages", "rule", "device", "values"), rows))
+    return EXIT_OK
 
 
 def _discover_row(topic: str, entry: TopicSeen) -> tuple[str, ...]:
@@ -700,19 +710,22 @@ def _discover_row(topic: str, entry: TopicSeen) -> tuple[str, ...]:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = collector.build_parser(
-        SOURCE, "MQTT power sources (Glow, Tasmota, Shelly, ...) to Graphite"
-    )
-    parser.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker (or MQTT_BROKER)")
-    args = parser.parse_args(argv)
-    if args.discover:
-        args.dry_run = True  # discovery sends nothing and writes no state
-    try:
-        overrides = collector.common_overrides(args, "mqtt_flush_interval_s")
-        if args.broker:
-            overrides["MQTT_BROKER"] = args.broker
-        runtime = collector.open_runtime(SOURCE, args, overrides)
+class MqttSource(Source):
+    source = SOURCE
+    description = "MQTT power sources (Glow, Tasmota, Shelly, ...) to Graphite"
+    interval_setting = "mqtt_flush_interval_s"
+    discover_dry_run = True  # discovery sends nothing and writes no state
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker (or MQTT_BROKER)")
+
+    @classmethod
+    def overrides(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {"MQTT_BROKER": args.broker} if args.broker else {}
+
+    @classmethod
+    def run(cls, runtime: Runtime, args: argparse.Namespace) -> int:
         settings = runtime.settings
         broker_address(settings)
         try:
@@ -722,19 +735,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = MessageHandler(runtime, rules)
         if not handler.subscriptions:
             raise ConfigError("MQTT_GLOW_PREFIX is empty and no MQTT_PRESETS or MQTT_RULES are set")
-        runtime.lock()
-    except ConfigError as exc:
-        print(f"{SOURCE}: {exc}", file=sys.stderr)
-        return collector.EXIT_CONFIG
-    try:
         if args.discover:
             return discover(runtime, handler)
         return listen(runtime, handler, once=args.once)
-    except ConfigError as exc:
-        print(f"{SOURCE}: {exc}", file=sys.stderr)
-        return collector.EXIT_CONFIG
-    finally:
-        runtime.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_source(MqttSource, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Shared by tuya_to_graphite.py (plugs, switches, meters) and the circuit
 collector's Tuya DIN-meter reader (circuit_tuya.py). ``TuyaConnection`` keeps
 a persistent socket, retries once and runs in its own thread; tinytuya's own
 repr and debug log show local keys, so its logger stays at WARNING and
-``collector.SecretFilter`` scrubs every handler.
+``SecretFilter`` scrubs every handler.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import tinytuya
 
-import collector
+from runtime import Once
+from service import protect_secrets, redact_secrets
 from settings import ConfigError, parse_host_port
 from tuya_devicefile import DEFAULT_PORT, DETECT_ORDER, DeviceEntry, lookup, normalize_version
 from tuya_scaling import (
@@ -77,7 +78,7 @@ def parse_announcement(data: bytes, source_ip: str) -> Announcement | None:
     )
 
 
-_port_problems = collector.Once(log)  # (bind, port) we could not listen on
+_port_problems = Once(log)  # (bind, port) we could not listen on
 
 
 async def listen_for_announcements(
@@ -140,7 +141,7 @@ async def listen_for_announcements(
 def protect_keys(entries: Iterable[DeviceEntry]) -> None:
     """Scrub these devices' keys from every log line, and hold tinytuya's
     logger at WARNING (its debug lines print keys)."""
-    collector.protect_secrets(entry.key for entry in entries)
+    protect_secrets(entry.key for entry in entries)
     logging.getLogger("tinytuya").setLevel(logging.WARNING)
 
 
@@ -292,7 +293,7 @@ class TuyaConnection:
             raise
         except Exception as exc:  # tinytuya failing in a way it does not report
             self._drop_client()
-            message = collector.redact_secrets(str(exc).replace(self.entry.key, "<key>"))
+            message = redact_secrets(str(exc).replace(self.entry.key, "<key>"))
             raise TuyaError(f"tinytuya failed: {exc.__class__.__name__}: {message}") from None
         self.answered = True
         return dps

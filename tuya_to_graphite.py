@@ -35,6 +35,7 @@ import tuya_devicefile as devicefile
 import tuya_link as link
 import tuya_scaling as scaling
 from circuit_model import configured_tuya_circuit_ids
+from runtime import Once, Runtime, run_source
 from state import EnergyIntegrator
 
 # Samples further apart than this many poll intervals are not bridged when
@@ -63,7 +64,7 @@ class TuyaCollector(collector.Collector):
             return {"TUYA_DEVICES_FILE": str(Path(args.devices).resolve())}
         return {}
 
-    def __init__(self, runtime: collector.Runtime, args: argparse.Namespace) -> None:
+    def __init__(self, runtime: Runtime, args: argparse.Namespace) -> None:
         super().__init__(runtime, args)
         settings = self.settings
         self.tuya = link.TuyaSettings.load(settings)
@@ -81,7 +82,7 @@ class TuyaCollector(collector.Collector):
         self.connections = link.Connections(self.tuya)
         # Problems by (device id, subject): said at WARNING (devices left out
         # at INFO) once, then at DEBUG.
-        self._said = collector.Once(self.log)
+        self._said = Once(self.log)
         for counter in HEALTH_COUNTERS:
             runtime.health.count(counter, 0)
         self._load()
@@ -143,8 +144,6 @@ class TuyaCollector(collector.Collector):
 
     async def discover(self) -> list[collector.Device]:
         self._load()
-        if getattr(self.args, "discover", False):
-            return await self._discover_table()
         planned = []
         for entry in self.entries:
             plan, why = self._plan(entry)
@@ -185,10 +184,11 @@ class TuyaCollector(collector.Collector):
             )
         return devices
 
-    async def _discover_table(self) -> list[collector.Device]:
+    async def discover_rows(self) -> list[Sequence[str]]:
         """--discover: devices.json merged with what announces itself."""
+        self._load()
         heard = await self.connections.listen(None)
-        rows = []
+        rows: list[Sequence[str]] = []
         for entry in self.entries:
             _, why = self._plan(entry)
             host, port = self.connections.address(entry)
@@ -205,7 +205,7 @@ class TuyaCollector(collector.Collector):
                 why,
                 seen,
             )
-            rows.append(collector.Device(entry.id, entry.name, where, handle=row))
+            rows.append(row)
         known = {entry.id for entry in self.entries}
         for dev_id, announcement in sorted(heard.items()):
             if dev_id not in known:
@@ -218,7 +218,7 @@ class TuyaCollector(collector.Collector):
                     "not in devices.json: run the wizard again",
                     "announced",
                 )
-                rows.append(collector.Device(dev_id, "?", announcement.ip, handle=row))
+                rows.append(row)
         unseen = [entry.name for entry in self.entries if entry.id not in heard]
         if unseen:
             self.log.info(
@@ -230,9 +230,6 @@ class TuyaCollector(collector.Collector):
                 ", ".join(unseen),
             )
         return rows
-
-    def discover_row(self, device: collector.Device) -> Sequence[str]:
-        return device.handle
 
     # --- poll and extract -------------------------------------------------------------
 
@@ -281,7 +278,7 @@ class TuyaCollector(collector.Collector):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return collector.main(TuyaCollector, argv)
+    return run_source(TuyaCollector, argv)
 
 
 if __name__ == "__main__":

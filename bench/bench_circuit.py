@@ -34,6 +34,7 @@ import circuit_sdm
 import collector
 from circuit_model import SerialLine
 from circuit_to_graphite import CircuitCollector
+from runtime import DryRunSink, Runtime
 from settings import load_settings
 from simulators.sdm import ModbusMeterSimulator, SimulatedSDM120, SimulatedSDM630
 
@@ -68,9 +69,9 @@ def run_cycles(circuits: list, cycles: int, state_dir: str) -> tuple[list[float]
         local_path=Path(state_dir) / "no_config_local.py",
         overrides={"CIRCUITS": circuits, "CIRCUIT_MODBUS_TIMEOUT_S": MODBUS_TIMEOUT_S},
     )
-    runtime = collector.Runtime("circuit", settings, dry_run=True)
+    runtime = Runtime("circuit", settings, dry_run=True)
     output = io.StringIO()
-    runtime.sink = collector.DryRunSink(output)
+    runtime.sink = DryRunSink(output)
     circuit_collector = CircuitCollector(runtime, argparse.Namespace(discover=False))
 
     async def run() -> list[float]:

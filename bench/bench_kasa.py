@@ -51,6 +51,8 @@ from bench_sending import serve_discard, start_child, stop_child
 
 import collector
 import kasa_to_graphite
+from runtime import Runtime
+from service import setup_logging
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
 from simulators.kasa_smart import SimulatedSmartDevice, SmartKasaSimulator
@@ -191,7 +193,7 @@ class CollectorUnderTest:
                 "CARBON_DESTINATIONS": ["{}:{}".format(*plugs.sink_address)],
             },
         )
-        self.runtime = collector.Runtime("kasa", settings)
+        self.runtime = Runtime("kasa", settings)
         self.sent: list[tuple[float, list[str]]] = []
         sink = self.runtime.sink
         submit = sink.submit
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     protocols = ["legacy", "smart"] if args.protocol == "both" else [args.protocol]
     # The dead plug costs one timeout per dead cycle.
     timeout_s = 0.5 if args.quick else 1.0
-    collector.setup_logging("ERROR")
+    setup_logging("ERROR")
     # The collector logs as "kasa", python-kasa's own logger, which
     # setup_logging keeps at WARNING: the dead plug's warning is expected.
     logging.getLogger("kasa").setLevel(logging.ERROR)

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import collector  # noqa: E402
+from runtime import DryRunSink, Runtime  # noqa: E402
 from settings import load_settings  # noqa: E402
 from simulators.tuya import PLUG_MAPPING  # noqa: E402
 from tuya_to_graphite import TuyaCollector  # noqa: E402
@@ -90,7 +91,7 @@ def serve(spec_path: str) -> int:
     return 0
 
 
-class TimedSink(collector.DryRunSink):
+class TimedSink(DryRunSink):
     """Lines go nowhere; when each batch went is kept."""
 
     def __init__(self) -> None:
@@ -129,7 +130,7 @@ def poll_cycles(devices_json: Path, cycles: int, persistent: bool, work: Path) -
         local_path=work / "no_config_local.py",
         overrides={"TUYA_DEVICES_FILE": str(devices_json), "TUYA_PERSISTENT": persistent},
     )
-    runtime = collector.Runtime("tuya", settings, dry_run=True)
+    runtime = Runtime("tuya", settings, dry_run=True)
     sink = runtime.sink = TimedSink()
     tuya = TuyaCollector(runtime, argparse.Namespace(discover=False))
 

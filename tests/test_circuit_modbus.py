@@ -17,6 +17,7 @@ import circuit_to_graphite
 import collector
 from circuit_model import CircuitReader
 from circuit_to_graphite import CircuitCollector
+from runtime import DryRunSink, Runtime
 from settings import ConfigError, load_settings
 from simulators.sdm import (
     ModbusMeterSimulator,
@@ -57,9 +58,9 @@ class Harness:
                 **overrides,
             },
         )
-        self.runtime = collector.Runtime("circuit", settings, dry_run=True)
+        self.runtime = Runtime("circuit", settings, dry_run=True)
         self.output = io.StringIO()
-        self.runtime.sink = collector.DryRunSink(self.output)
+        self.runtime.sink = DryRunSink(self.output)
         self.collector = CircuitCollector(self.runtime, argparse.Namespace(discover=False))
 
     def cycles(self, count: int = 1) -> list[tuple[int, int, bool]]:
@@ -305,7 +306,7 @@ def test_the_configured_name_wins_after_a_rename(gateway, tmp_path) -> None:
             local_path=tmp_path / "none.py",
             overrides={"CIRCUITS": [tcp_circuit(name, gateway, 1, "sdm120")]},
         )
-        runtime = collector.Runtime("circuit", settings)
+        runtime = Runtime("circuit", settings)
         CircuitCollector(runtime, argparse.Namespace(discover=False))
         assert runtime.names.name_for(stable_id, "reported name") == segment
 

@@ -15,6 +15,8 @@ import time
 import pytest
 
 import collector
+from runtime import EXIT_NO_DEVICE, EXIT_OK, Health, Once, Runtime, format_table
+from service import configured_secrets, protect_secrets, setup_logging
 from settings import load_settings
 
 
@@ -65,7 +67,7 @@ def make_runtime(tmp_path, **overrides):
         local_path=local,
         overrides=overrides,
     )
-    runtime = collector.Runtime("fake", settings)
+    runtime = Runtime("fake", settings)
     runtime.sink = RecordingSink()
     return runtime
 
@@ -142,7 +144,7 @@ def test_failure_is_logged_once_then_recovery(tmp_path, caplog):
 
 
 def test_once_says_a_problem_once_then_debug_and_when_it_clears(caplog):
-    once = collector.Once(logging.getLogger("electricity.once"))
+    once = Once(logging.getLogger("electricity.once"))
     with caplog.at_level(logging.DEBUG, logger="electricity.once"):
         assert once.say(("a", "x"), "%s: %s", "a", "broken")
         assert not once.say(("a", "x"), "%s: %s", "a", "broken", again="%s: still %s")
@@ -162,7 +164,7 @@ def test_once_says_a_problem_once_then_debug_and_when_it_clears(caplog):
 
 
 def test_health_count_adds_to_the_source_counters():
-    health = collector.Health()
+    health = Health()
     health.count("read_errors", 0)
     assert health.extra == {"read_errors": 0}
     health.count("read_errors")
@@ -183,7 +185,7 @@ def test_loop_cycles_on_interval_boundaries(tmp_path):
         loop.stopping.set()
         return await task
 
-    assert asyncio.run(scenario()) == collector.EXIT_OK
+    assert asyncio.run(scenario()) == EXIT_OK
     stamps = sorted({int(line.split()[2]) for line in runtime.sink.lines if ".dev_a." in line})
     assert len(stamps) >= 3
     # Every cycle is stamped with its boundary, and polled right after it.
@@ -198,13 +200,13 @@ def test_once_exit_codes(tmp_path):
         loop = collector.PollLoop(FakeSource(runtime, behaviour), interval_s=30, once=True)
         return asyncio.run(loop.run())
 
-    assert once({"a": (0, {"power_watts": 1})}) == collector.EXIT_OK
-    assert once({"a": (0, OSError("down"))}) == collector.EXIT_NO_DEVICE
-    assert once({}) == collector.EXIT_NO_DEVICE
+    assert once({"a": (0, {"power_watts": 1})}) == EXIT_OK
+    assert once({"a": (0, OSError("down"))}) == EXIT_NO_DEVICE
+    assert once({}) == EXIT_NO_DEVICE
 
 
 def test_format_table():
-    table = collector.format_table(("name", "id"), [("Kettle", "AA:BB"), ("x", "1")])
+    table = format_table(("name", "id"), [("Kettle", "AA:BB"), ("x", "1")])
     assert table.splitlines() == ["name    id", "------  -----", "Kettle  AA:BB", "x       1"]
 
 
@@ -214,7 +216,7 @@ def test_logging_goes_to_stderr(journal, monkeypatch, capsys):
         monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     else:
         monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    collector.setup_logging("INFO")
+    setup_logging("INFO")
     logging.getLogger("fake").warning("plug down")
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -231,8 +233,8 @@ def test_configured_secrets_never_reach_the_log(tmp_path, capsys):
         'ESP32_DEVICE_TOKENS = {"meter": "token-abcdefgh-12345678"}\n'
     )
     settings = load_settings(env={}, local_path=local)
-    collector.setup_logging("DEBUG")
-    collector.protect_secrets(collector.configured_secrets(settings))
+    setup_logging("DEBUG")
+    protect_secrets(configured_secrets(settings))
     logging.getLogger("some.library").warning("login with %s", "kasa-pass-1234")
     logging.getLogger("other.library").error("bad header Bearer token-abcdefgh-12345678")
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ import pytest
 
 import collector
 from carbon_client import CarbonClient
+from runtime import Runtime
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
 from spool import Spool
@@ -148,7 +149,7 @@ def connect_hangs():
         listener.close()
 
 
-def real_runtime(tmp_path: Path, carbon: str, **overrides) -> collector.Runtime:
+def real_runtime(tmp_path: Path, carbon: str, **overrides) -> Runtime:
     local = tmp_path / "config_local.py"
     local.write_text("")
     settings = load_settings(
@@ -156,7 +157,7 @@ def real_runtime(tmp_path: Path, carbon: str, **overrides) -> collector.Runtime:
         local_path=local,
         overrides={"CARBON_DESTINATIONS": [carbon], **overrides},
     )
-    return collector.Runtime("fake", settings)
+    return Runtime("fake", settings)
 
 
 def run_until(loop: collector.PollLoop, done) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-import collector
 from esp32 import pulse_logic as pl
 from esp32_accounting import (
     ACCEPTED,
@@ -40,6 +39,7 @@ from esp32_receiver import (
     sample_timestamp,
 )
 from graphite_helper import is_valid_line
+from runtime import EXIT_CONFIG, EXIT_NO_DEVICE, Runtime
 from settings import ConfigError, load_settings
 from simulators.esp32 import SimClock, SimulatedEsp32
 from tests.helpers import collector_environment, run_collector, start_collector, stop_collector
@@ -88,7 +88,7 @@ class RunningReceiver:
         self, state_dir: Path, server_options: dict | None = None, **overrides: Any
     ) -> None:
         settings = receiver_settings(state_dir, **overrides)
-        self.runtime = collector.Runtime(SOURCE, settings)
+        self.runtime = Runtime(SOURCE, settings)
         self.sink = CapturingSink()
         self.runtime.sink = self.sink
         self.receiver = MeterReceiver(self.runtime, check_tokens(settings))
@@ -1089,21 +1089,21 @@ def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_
 
 def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     result = run_script(tmp_path, "--bind", "0.0.0.0", "--port", "5000", ESP32_TOKEN="")
-    assert result.returncode == collector.EXIT_CONFIG
+    assert result.returncode == EXIT_CONFIG
     assert result.stderr.strip().count("\n") == 0 and "ESP32_TOKEN" in result.stderr
     assert result.stdout == ""
 
 
 def test_a_weak_token_is_a_config_error_that_does_not_show_it(tmp_path):
     result = run_script(tmp_path, "--bind", "127.0.0.1", ESP32_TOKEN="hunter2")
-    assert result.returncode == collector.EXIT_CONFIG
+    assert result.returncode == EXIT_CONFIG
     assert "hunter2" not in result.stderr and "ESP32_TOKEN" in result.stderr
 
 
 def test_a_busy_port_is_a_config_error(tmp_path, receiver_process):
     process = receiver_process("--dry-run")
     result = run_script(tmp_path, "--bind", "127.0.0.1", "--port", str(process.port))
-    assert result.returncode == collector.EXIT_CONFIG
+    assert result.returncode == EXIT_CONFIG
     assert "cannot listen" in result.stderr
 
 
@@ -1115,4 +1115,4 @@ def test_discover_lists_the_devices_that_posted(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "meter" in result.stdout and "esp32-a" in result.stdout and "2.500" in result.stdout
     empty = run_script(tmp_path, "--discover", "--state-dir", str(tmp_path / "empty"))
-    assert empty.returncode == collector.EXIT_NO_DEVICE
+    assert empty.returncode == EXIT_NO_DEVICE

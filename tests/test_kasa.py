@@ -11,6 +11,7 @@ import pytest
 
 import collector
 import kasa_to_graphite
+from runtime import Runtime
 from simulators.kasa import (
     ENERGY_FIXTURES,
     KasaSimulator,
@@ -167,7 +168,7 @@ def test_dead_device_does_not_delay_the_others(carbon_server, tmp_path):
                 "CARBON_DESTINATIONS": [carbon_arg(carbon_server)],
             },
         )
-        runtime = collector.Runtime("kasa", settings)
+        runtime = Runtime("kasa", settings)
         sent_at = []
         original = runtime.sink.submit  # hands lines to the spool and the sender
 

@@ -18,6 +18,7 @@ import pytest
 
 import collector
 import kasa_to_graphite
+from runtime import Runtime
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, load_fixture
 from simulators.kasa_smart import (
@@ -245,7 +246,7 @@ def test_rediscovering_a_failing_plug_leaks_nothing(
             KASA_HOSTS=[f"{plug.host}:{sim.port}"],
             KASA_DISCOVERY_ENABLED=False,
         )
-        runtime = collector.Runtime("kasa", settings)
+        runtime = Runtime("kasa", settings)
 
         async def rediscover(kasa: kasa_to_graphite.KasaCollector, times: int) -> None:
             for _ in range(times):
@@ -285,7 +286,7 @@ def test_static_host_down_delays_nobody_counts_failed_said_once(
             KASA_DISCOVERY_ENABLED=False,
             KASA_DISCOVERY_TIMEOUT_S=3.0,  # what the dead host would cost everyone
         )
-        runtime = collector.Runtime("kasa", settings)
+        runtime = Runtime("kasa", settings)
         sent_at: list[tuple[float, list[str]]] = []
         original = runtime.sink.send_lines
 
@@ -340,7 +341,7 @@ def test_energy_total_across_midnight_and_a_device_reset(carbon_server, tmp_path
         )
 
         def run_cycles(steps) -> list[float]:
-            runtime = collector.Runtime("kasa", settings)
+            runtime = Runtime("kasa", settings)
 
             async def scenario() -> list[float]:
                 kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
@@ -396,7 +397,7 @@ def test_refusal_said_once_not_retried_every_cycle_but_at_rediscovery(
         else:
             where = {"KASA_DISCOVERY_TARGET": f"{subnet}.1:{sim.port}"}
         settings = settings_for(tmp_path, carbon_server, **where)
-        runtime = collector.Runtime("kasa", settings)
+        runtime = Runtime("kasa", settings)
 
         async def scenario() -> list[tuple[int, int]]:
             kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
@@ -433,7 +434,7 @@ def test_refused_in_mid_life_is_said_plainly_and_not_retried_each_cycle(
     plug = smart(SMART_FIXTURES[1], f"{subnet}.2", "tv")
     with SmartKasaSimulator([plug], discovery_host=f"{subnet}.1") as sim:
         where = {"KASA_HOSTS": [f"{plug.host}:{sim.port}"], "KASA_DISCOVERY_ENABLED": False}
-        runtime = collector.Runtime("kasa", settings_for(tmp_path, carbon_server, **where))
+        runtime = Runtime("kasa", settings_for(tmp_path, carbon_server, **where))
 
         async def scenario() -> tuple[list[tuple[int, int]], int]:
             kasa = kasa_to_graphite.KasaCollector(runtime, args=None)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import collector
 from mqtt_glow import (
     GLOW_RESET_READINGS,
     RegisterGuard,
@@ -20,6 +19,7 @@ from mqtt_glow import (
 )
 from mqtt_rules import PayloadError, RuleTable, decode_json
 from mqtt_to_graphite import MAX_DEVICES, MessageHandler
+from runtime import Runtime
 from settings import ConfigError, load_settings
 from simulators.glow import SimulatedGlow, load_session, preset_samples, retime
 
@@ -40,7 +40,7 @@ def make_handler(tmp_path: Path | None = None, dry_run: bool = True, **overrides
         local_path="/nonexistent/config_local.py",
         overrides=overrides,
     )
-    runtime = collector.Runtime("mqtt", settings, dry_run=dry_run)
+    runtime = Runtime("mqtt", settings, dry_run=dry_run)
     rules = RuleTable.from_settings(settings.mqtt_presets, settings.mqtt_rules)
     return MessageHandler(runtime, rules)
 

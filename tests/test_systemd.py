@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 import collector
+from runtime import EXIT_OK, LineBatcher, Runtime
+from service import ensure_watchdog_covers, sd_notify
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
 
@@ -292,21 +294,21 @@ def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 def test_sd_notify_path_and_abstract_sockets(
     notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert collector.sd_notify("READY=1")
+    assert sd_notify("READY=1")
     assert notify_socket.receive(1, count=1) == ["READY=1"]
 
     abstract = NotifySocket(f"@electricity-test-{uuid.uuid4().hex}")
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", abstract.address)
-        assert collector.sd_notify("WATCHDOG=1")
+        assert sd_notify("WATCHDOG=1")
         assert abstract.receive(1, count=1) == ["WATCHDOG=1"]
     finally:
         abstract.close()
 
     monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify.sock")
-    assert not collector.sd_notify("WATCHDOG=1")  # no systemd listening: no error either
+    assert not sd_notify("WATCHDOG=1")  # no systemd listening: no error either
     monkeypatch.delenv("NOTIFY_SOCKET")
-    assert not collector.sd_notify("WATCHDOG=1")
+    assert not sd_notify("WATCHDOG=1")
 
 
 class Sink:
@@ -338,16 +340,16 @@ class OnePlug(collector.Collector):
         return [collector.Reading("p1", "Plug", {"power_watts": 5.0})]
 
 
-def make_runtime(tmp_path: Path, outcome: str) -> collector.Runtime:
+def make_runtime(tmp_path: Path, outcome: str) -> Runtime:
     local = tmp_path / "config_local.py"
     local.write_text("")
     settings = load_settings(env={"ELECTRICITY_STATE_DIR": str(tmp_path)}, local_path=local)
-    runtime = collector.Runtime("fake", settings)
+    runtime = Runtime("fake", settings)
     runtime.sink = Sink(outcome)
     return runtime
 
 
-def run_loop(runtime: collector.Runtime, cycles: int) -> int:
+def run_loop(runtime: Runtime, cycles: int) -> int:
     """Run the poll loop every 0.2 s until ``cycles`` cycles handed lines to the sink."""
 
     async def scenario() -> int:
@@ -368,7 +370,7 @@ def test_each_cycle_that_delivers_or_spools_pings(
     outcome: str, notify_socket: NotifySocket, tmp_path: Path
 ) -> None:
     runtime = make_runtime(tmp_path, outcome)
-    assert run_loop(runtime, cycles=3) == collector.EXIT_OK
+    assert run_loop(runtime, cycles=3) == EXIT_OK
     messages = notify_socket.receive(0.5)
     assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1"
     pings = [m for m in messages if m.startswith("WATCHDOG=1\n")]
@@ -392,7 +394,7 @@ def test_line_batcher_pings_after_each_send_only(
     notify_socket: NotifySocket, tmp_path: Path
 ) -> None:
     runtime = make_runtime(tmp_path, "spool")
-    batcher = collector.LineBatcher(runtime, flush_interval_s=60)
+    batcher = LineBatcher(runtime, flush_interval_s=60)
     assert batcher.flush()  # nothing waiting: nothing sent, no ping
     assert notify_socket.receive(0.3) == []
     batcher.add(["home.electricity.fake.p.power_watts 1 1700000000\n"])
@@ -411,15 +413,15 @@ def test_watchdog_is_extended_for_long_intervals(
     notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", str(300 * 1_000_000))  # WatchdogSec=5min
-    assert not collector.ensure_watchdog_covers(30)  # 3 x 30 s + 60 s fits
+    assert not ensure_watchdog_covers(30)  # 3 x 30 s + 60 s fits
     assert notify_socket.receive(0.3) == []
-    assert collector.ensure_watchdog_covers(600)
+    assert ensure_watchdog_covers(600)
     assert notify_socket.receive(1, count=1) == [f"WATCHDOG_USEC={(3 * 600 + 60) * 1_000_000}"]
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # another process's watchdog
-    assert not collector.ensure_watchdog_covers(600)
+    assert not ensure_watchdog_covers(600)
     monkeypatch.delenv("WATCHDOG_PID")
     monkeypatch.delenv("WATCHDOG_USEC")  # no watchdog configured
-    assert not collector.ensure_watchdog_covers(600)
+    assert not ensure_watchdog_covers(600)
     assert notify_socket.receive(0.3) == []
 
 

@@ -21,6 +21,7 @@ import pytest
 import collector
 import tuya_to_graphite
 from graphite_helper import format_device_name
+from runtime import Runtime
 from settings import load_settings
 from simulators.tuya import (
     SimulatedTuyaDevice,
@@ -273,7 +274,7 @@ def in_process_collector(home: Home, env: dict[str, str], dry_run=True, **overri
         local_path=env["ELECTRICITY_CONFIG"],
         overrides={"TUYA_DEVICES_FILE": str(home.path), **overrides},
     )
-    runtime = collector.Runtime("tuya", settings, dry_run=dry_run)
+    runtime = Runtime("tuya", settings, dry_run=dry_run)
     return tuya_to_graphite.TuyaCollector(runtime, args=None)
 
 

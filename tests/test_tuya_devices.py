@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import tinytuya
 
-import collector
 import tuya_devicefile as devicefile
 import tuya_link as link
 import tuya_scaling as scaling
+from service import SecretFilter
 from settings import ConfigError, load_settings
 from simulators.tuya import (
     PLUG_MAPPING,
@@ -379,7 +379,7 @@ def free_udp_port() -> int:
 
 
 def test_secret_filter_scrubs_messages_arguments_and_tracebacks():
-    keys = collector.SecretFilter()
+    keys = SecretFilter()
     keys.add([KEY, "short"])
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s and %r", (KEY, KEY), None)
     keys.filter(record)

@@ -50,6 +50,7 @@ import tuya_to_graphite  # noqa: E402
 from harness.carbon import CarbonServer, free_port, spawn, terminate  # noqa: E402
 from harness.graphite_web import GraphiteWeb  # noqa: E402
 from harness.mosquitto import MosquittoBroker  # noqa: E402
+from runtime import Runtime, build_parser  # noqa: E402
 from simulators.esp32 import SimClock, SimulatedEsp32  # noqa: E402
 from simulators.glow import Publisher, SimulatedGlow  # noqa: E402
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice  # noqa: E402
@@ -346,9 +347,9 @@ class SimulatedHome:
         settings = settings_module.load_settings(
             env={}, local_path=self.config_file, overrides=self._collector_settings()
         )
-        parser = collector.build_parser(collector_cls.source, collector_cls.description)
+        parser = build_parser(collector_cls.source, collector_cls.description)
         collector_cls.add_arguments(parser)
-        runtime = collector.Runtime(collector_cls.source, settings)
+        runtime = Runtime(collector_cls.source, settings)
         instance = collector_cls(runtime, parser.parse_args([]))
         interval_s = float(getattr(settings, instance.interval_setting))
         return collector.PollLoop(instance, interval_s)
