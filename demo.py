@@ -163,7 +163,11 @@ def kasa_source(stack: contextlib.ExitStack, work: Path) -> Source:
     # found by the same discovery.
     account = {"username": "demo@example.com", "password": "demo-password"}
     tv = SimulatedSmartDevice(
-        "smart_P110(UK)_1.0_1.3.0.json", host=loopback_host(4), alias="TV", **account
+        "smart_P110(UK)_1.0_1.3.0.json",
+        host=loopback_host(4),
+        alias="TV",
+        username=account["username"],
+        password=account["password"],
     )
     stack.enter_context(
         SmartKasaSimulator([tv], port=simulator.port, discovery_host=simulator.discovery_host)

@@ -496,7 +496,7 @@ class MeterReceiver:
         """Account checked readings, queue their lines; the 200 (or 400) answer."""
         settings = self.settings
         # Oldest first within each boot, whatever order the body had.
-        order = {}
+        order: dict[tuple[str, str], int] = {}
         for reading in readings:
             order.setdefault((reading.device_id, reading.boot_id), len(order))
         readings = sorted(readings, key=lambda r: (order[(r.device_id, r.boot_id)], r.seq))
@@ -733,8 +733,10 @@ class _RequestParser(HTTPRequestParser):
     """waitress answers a Transfer-Encoding it does not know with 501; to a
     client that is just a bad request (and the contract has no 5xx)."""
 
+    error: Any  # waitress's attribute (untyped): the error to answer with
+
     def received(self, data: bytes) -> int:
-        consumed = super().received(data)
+        consumed: int = super().received(data)
         if isinstance(self.error, ServerNotImplemented):
             self.error = WaitressBadRequest(self.error.body)
         return consumed

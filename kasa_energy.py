@@ -140,7 +140,7 @@ def _parse(value: Any) -> DayCounters | None:
         return None
     day, today, month, base = (value.get(k) for k in ("day", "today_kwh", "month_kwh", "base_kwh"))
     numbers = [today, base] + ([] if month is None else [month])
-    if not isinstance(day, str) or len(day) != 10:
+    if not isinstance(day, str) or len(day) != 10 or today is None or base is None:
         return None
     if not all(
         isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n >= 0

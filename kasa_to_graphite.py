@@ -477,7 +477,7 @@ class KasaCollector(collector.Collector):
         if not kasa_device.children:
             mac = stable_id(kasa_device.mac)
             values = extract(kasa_device, self._lifetime(mac))
-            return [collector.Reading(mac, kasa_device.alias, values)]
+            return [collector.Reading(mac, kasa_device.alias or "", values)]
         readings = []
         for index, child in enumerate(kasa_device.children):
             outlet = child_id(kasa_device.mac, child, index)
@@ -512,7 +512,7 @@ async def _refuses(device: Device) -> bool:
     python-kasa 0.12 turns a refused handshake during an update into
     per-method errors, so shake hands once more to tell."""
     transport = getattr(getattr(device, "protocol", None), "_transport", None)
-    if type(transport).__name__ not in ("KlapTransport", "KlapTransportV2"):
+    if transport is None or type(transport).__name__ not in ("KlapTransport", "KlapTransportV2"):
         return False
     try:
         await transport.perform_handshake()

@@ -461,11 +461,13 @@ class BrokerLink:
 
     def _backoff(self, retry_s: float | None = None) -> None:
         if retry_s is None:
+            # paho's stubs say int; it takes seconds as any number.
             self.client.reconnect_delay_set(
-                self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s
+                math.ceil(self.settings.mqtt_reconnect_min_s),
+                math.ceil(self.settings.mqtt_reconnect_max_s),
             )
         else:
-            self.client.reconnect_delay_set(retry_s, retry_s)
+            self.client.reconnect_delay_set(math.ceil(retry_s), math.ceil(retry_s))
 
     # paho's callbacks, in its network thread
 

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from graphite_helper import format_device_name
 from settings import ConfigError, check_device_names, one_line, usable_name
@@ -246,7 +246,7 @@ class StateLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = None
+        self._handle: IO[str] | None = None
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)

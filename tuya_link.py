@@ -71,7 +71,8 @@ def parse_announcement(data: bytes, source_ip: str) -> Announcement | None:
         version = normalize_version(info.get("version"))
     except ValueError:
         version = ""
-    ip = info.get("ip") if isinstance(info.get("ip"), str) and info.get("ip") else source_ip
+    announced_ip = info.get("ip")
+    ip = announced_ip if isinstance(announced_ip, str) and announced_ip else source_ip
     product_key = info.get("productKey")
     return Announcement(
         info["gwId"], ip, version, product_key if isinstance(product_key, str) else ""
@@ -167,7 +168,7 @@ class _Client(tinytuya.OutletDevice):
 
     receive_error: BaseException | None = None
 
-    def _receive(self):  # type: ignore[no-untyped-def]
+    def _receive(self):
         try:
             return super()._receive()
         except Exception as exc:

@@ -445,7 +445,10 @@ def check_ranges(
     """Split values into those within ``ranges`` ({metric: [min, max]}, per
     phase for ``lN_`` figures) and a line per value dropped. Energy counters
     must not be negative. The circuit collector's check, on one device's figures."""
-    limits = {**ranges, "energy_kwh": (0.0, math.inf)}
+    limits: dict[str, tuple[float, float]] = {
+        metric: (float(low), float(high)) for metric, (low, high) in ranges.items()
+    }
+    limits["energy_kwh"] = (0.0, math.inf)
     kept, dropped = circuit_model.check_ranges(values, limits, phases=1)
     lines = []
     for metric, value in dropped.items():
