@@ -462,7 +462,8 @@ def self_check():
     maker = ReadingMaker("dev", new_boot_id(), 1000)
     for i in range(5):
         buf.append(maker.make(i * 1000, i))
-    assert len(buf) == 3 and buf.dropped == 2
+    assert len(buf) == 3
+    assert buf.dropped == 2
     batch = buf.batch()
     assert [r["seq"] for r in batch] == [3, 4]
     assert body_for(batch) == {"readings": batch}
@@ -476,7 +477,8 @@ def self_check():
     for i in range(6):
         uplink.buffer.append(maker.make(i, i))
     assert uplink.on_result(uplink.batch(), None, 0) == ACTION_RETRY
-    assert not uplink.ready(999) and uplink.ready(1000)
+    assert not uplink.ready(999)
+    assert uplink.ready(1000)
     assert uplink.on_result(uplink.batch(), 413, 1000) == ACTION_SHRINK
     assert uplink.on_result(uplink.batch(), 200, 1000) == ACTION_ACK
     assert len(uplink.buffer) == 4

@@ -30,7 +30,8 @@ def test_bench_kasa_quick():
     result = run_bench("bench/bench_kasa.py", "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "late-prompt" in out and "dead adds nothing" in out, out
+    assert "late-prompt" in out, out
+    assert "dead adds nothing" in out, out
     rows = [
         line.split()
         for line in out.splitlines()
@@ -48,7 +49,8 @@ def test_bench_sending_quick():
     result = run_bench("bench/bench_sending.py", "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "plain loopback socket" in out and "client/raw" in out, out
+    assert "plain loopback socket" in out, out
+    assert "client/raw" in out, out
     if "skipped" in out:
         if os.environ.get("ELECTRICITY_REQUIRE_SERVERS"):
             pytest.fail(f"carbon-cache missing:\n{out}")
@@ -56,7 +58,8 @@ def test_bench_sending_quick():
     assert "carbon-cache" in out
     # The replay's count is a correctness figure, not a timing: all must land.
     stored = re.search(r"in whisper\s+([\d,]+) points", out)
-    assert stored and stored.group(1) == "20,000", out
+    assert stored, out
+    assert stored.group(1) == "20,000", out
     assert "target: all 20,000 lines in whisper: met" in out
 
 
@@ -70,4 +73,5 @@ def test_bench_esp32_slow_clients_quick():
     result = run_bench("bench/bench_esp32_slow_clients.py", "--quick")
     assert result.returncode == 0, result.stdout + result.stderr
     answered = re.search(r"posts answered: (\d+) of (\d+)", result.stdout)
-    assert answered and answered.group(1) == answered.group(2) != "0", result.stdout
+    assert answered, result.stdout
+    assert answered.group(1) == answered.group(2) != "0", result.stdout

@@ -72,7 +72,8 @@ def test_once_lands_every_figure_in_carbon(carbon_server, env) -> None:
     result = run_circuit(["--once", "--carbon", carbon_arg(carbon_server)], env)
     # The refusing meter (Sauna) is logged and skipped; the others were delivered.
     assert result.returncode == 0, result.stderr
-    assert "Sauna" in result.stderr and "exception 0x04" in result.stderr
+    assert "Sauna" in result.stderr
+    assert "exception 0x04" in result.stderr
     assert result.stdout == ""
     expected = {
         f"{PREFIX}.heat_pump.power_watts": -1480.0,
@@ -133,7 +134,8 @@ def test_discover_probes_each_meter_and_sends_nothing(carbon_server, env) -> Non
     assert "231.5 V 6.50 A -1480 W" in rows["Heat pump"]
     assert "L2 231.0 V 2.50 A -550 W" in rows["EV charger"]
     assert "total 231.0 V 16.50 A 2650 W" in rows["EV charger"]
-    assert "refused" in rows["Sauna"] and "server device failure" in rows["Sauna"]
+    assert "refused" in rows["Sauna"]
+    assert "server device failure" in rows["Sauna"]
     time.sleep(1)
     assert carbon_server.metric_paths() == []
 
@@ -142,7 +144,8 @@ def test_dry_run_prints_only_lines(env) -> None:
     result = run_circuit(["--once", "--dry-run"], env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines and all(len(line.split()) == 3 for line in lines)
+    assert lines
+    assert all(len(line.split()) == 3 for line in lines)
     assert any(line.startswith(f"{PREFIX}.heat_pump.power_watts -1480 ") for line in lines)
 
 
@@ -164,9 +167,8 @@ def test_exit_codes(env, tmp_path, gateway) -> None:
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuit: CIRCUITS[0] ('Heat pump'): unit"), (
-        lines
-    )
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("circuit: CIRCUITS[0] ('Heat pump'): unit"), lines
     # Nothing configured: 2.
     result = run_circuit(["--once"], {**env, "ELECTRICITY_CONFIG": str(write_config(tmp_path, []))})
     assert result.returncode == 2

@@ -67,7 +67,8 @@ def test_a_modbus_tcp_circuit() -> None:
     assert (circuit.host, circuit.port, circuit.unit) == ("127.0.0.1", 5020, 7)
     assert circuit.stable_id == "modbus-tcp:127.0.0.1:5020:7"
     assert circuit.bus == "127.0.0.1:5020"
-    assert circuit.phases == 1 and circuit.serial is None
+    assert circuit.phases == 1
+    assert circuit.serial is None
     assert circuit.ranges["power_watts"] == (-15000.0, 15000.0)
     assert circuit.ranges["power_factor"] == PHYSICAL_LIMITS["power_factor"]
 
@@ -92,7 +93,8 @@ def test_a_modbus_rtu_circuit_takes_the_factory_baud_rate_of_its_profile() -> No
 def test_one_serial_port_is_one_bus_with_one_speed() -> None:
     message = config_error([rtu("A", 1), rtu("B", 2, "sdm630")])
     assert message.startswith("CIRCUITS[1] ('B'): /dev/ttyUSB0 is one bus")
-    assert "2400 N1" in message and "9600 N1" in message
+    assert "2400 N1" in message
+    assert "9600 N1" in message
     both = parse_circuits([rtu("A", 1, baudrate=9600), rtu("B", 2, "sdm630")], RANGES)
     assert {c.serial.baudrate for c in both} == {9600}
 

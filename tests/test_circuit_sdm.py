@@ -81,7 +81,8 @@ def test_plan_covers_every_value_within_the_limit(addresses: set, limit: int) ->
     for block in blocks:
         assert block.count <= limit
         # Starts on a wanted value and ends on one: what the meters accept.
-        assert block.address in addresses and block.end - 2 in addresses
+        assert block.address in addresses
+        assert block.end - 2 in addresses
     for address in addresses:
         assert sum(b.address <= address and address + 2 <= b.end for b in blocks) == 1
     # No two neighbouring blocks could have been one.
@@ -129,7 +130,8 @@ def test_sdm630_profile_decodes_phases_and_the_meters_own_totals() -> None:
     assert values["power_watts"] == 2650.0  # the meter's own total, 0x34
     assert values["current_amps"] == 16.5  # sum of line currents, 0x30
     assert values["voltage_volts"] == 231.0  # mean line-to-neutral voltage, 0x2A
-    assert values["energy_kwh"] == 9876.5 and values["energy_export_kwh"] == 12.5
+    assert values["energy_kwh"] == 9876.5
+    assert values["energy_export_kwh"] == 12.5
     assert values["frequency_hz"] == 50.02
     expected_pf = meter.values()["total_power_factor"]
     assert values["power_factor"] == pytest.approx(expected_pf, rel=1e-6)

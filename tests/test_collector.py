@@ -139,7 +139,8 @@ def test_failure_is_logged_once_then_recovery(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="electricity.fake"):
         asyncio.run(scenario())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "connection refused" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert "connection refused" in warnings[0].getMessage()
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
@@ -149,7 +150,8 @@ def test_once_says_a_problem_once_then_debug_and_when_it_clears(caplog):
         assert once.say(("a", "x"), "%s: %s", "a", "broken")
         assert not once.say(("a", "x"), "%s: %s", "a", "broken", again="%s: still %s")
         assert once.say(("b", "x"), "%s left out", "b", level=logging.INFO)
-        assert ("a", "x") in once and len(once) == 2
+        assert ("a", "x") in once
+        assert len(once) == 2
         assert once.clear(("a", "x"), "%s fixed", "a")
         assert not once.clear(("a", "x"), "%s fixed", "a")
         assert once.clear(("b", "x"))  # silently
@@ -238,11 +240,12 @@ def test_configured_secrets_never_reach_the_log(tmp_path, capsys):
     logging.getLogger("some.library").warning("login with %s", "kasa-pass-1234")
     logging.getLogger("other.library").error("bad header Bearer token-abcdefgh-12345678")
     err = capsys.readouterr().err
-    assert "kasa-pass-1234" not in err and "token-abcdefgh-12345678" not in err
+    assert "kasa-pass-1234" not in err
+    assert "token-abcdefgh-12345678" not in err
     assert err.count("<key>") == 2
 
 
-@pytest.mark.parametrize("edited, segment", [("Living room", "living_room"), (7, "dev_a")])
+@pytest.mark.parametrize(("edited", "segment"), [("Living room", "living_room"), (7, "dev_a")])
 def test_hand_edited_names_json_never_costs_a_device_its_data(tmp_path, edited, segment):
     # README's troubleshooting says to edit names.json; a space, a dot or a
     # number there must not silently drop the device or crash every cycle.

@@ -235,7 +235,8 @@ def test_a_chattering_carbon_cannot_hold_a_send(tmp_path, stand_in):
     sender.join(15)  # bounded: the old client never returned
     alive = sender.is_alive()
     client.close()
-    assert not alive and outcome == [False]
+    assert not alive
+    assert outcome == [False]
     assert len(client.spool) == 3
 
 
@@ -306,9 +307,11 @@ def test_cap_drops_are_logged_once_with_counts_and_bytes_are_not_decoded(tmp_pat
     with caplog.at_level(logging.INFO, logger="graphite"):
         for start in range(900, 1500, 100):
             spool.append(lines(100, start=start))
-    assert len(spool) == 1000 and spool.dropped_lines == 500
+    assert len(spool) == 1000
+    assert spool.dropped_lines == 500
     full = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
-    assert len(full) == 1 and "dropped" in full[0]
+    assert len(full) == 1
+    assert "dropped" in full[0]
     got = []
     spool.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(1000, start=500)
@@ -341,8 +344,10 @@ def test_disk_full_keeps_lines_in_memory_then_resumes(tmp_path, caplog, monkeypa
         for start in range(1, 301, 50):
             assert not spool.append(lines(50, start=start))
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and "No space left" in errors[0].getMessage()
-        assert len(spool) == 1 + 100 and spool.dropped_lines == 200
+        assert len(errors) == 1
+        assert "No space left" in errors[0].getMessage()
+        assert len(spool) == 1 + 100
+        assert spool.dropped_lines == 200
         full["on"] = False
         assert spool.append(lines(1, start=400))
     got = []
@@ -536,7 +541,8 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
     spool.close()  # or a power cut: cursor.json was saved as batches were confirmed
     reopened = Spool(tmp_path, segment_lines=100)
     assert reopened.rewind(120) == 150  # Carbon may have lost them: sent again
-    assert len(reopened) == 150 and reopened.backlog() == 0  # spool_lines: no backlog
+    assert len(reopened) == 150
+    assert reopened.backlog() == 0
     got = []
     reopened.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(150)

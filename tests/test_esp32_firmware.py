@@ -136,7 +136,7 @@ def test_power_from_interval_exact_values(imp_per_kwh, interval_ms, watts):
 
 @pytest.mark.parametrize(("imp_per_kwh", "interval_ms"), [(0, 100), (1000, 0), (-1, 100)])
 def test_power_from_interval_rejects_nonsense(imp_per_kwh, interval_ms):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         pl.power_watts_from_interval(imp_per_kwh, interval_ms)
 
 
@@ -194,7 +194,9 @@ def test_pulse_counter_forgets_a_pulse_older_than_a_day():
 def test_make_reading_follows_the_contract():
     full = pl.make_reading("dev", "b00t", 7, 12_345, 1000, 42, 1_700_000_000, 900, -61, "fw1")
     jsonschema.validate(full, READING_SCHEMA)
-    assert full["seq"] == 7 and full["ts"] == 1_700_000_000 and full["rssi"] == -61
+    assert full["seq"] == 7
+    assert full["ts"] == 1_700_000_000
+    assert full["rssi"] == -61
     minimal = pl.make_reading("dev", "b00t", 1, 0, 3200, 0)
     jsonschema.validate(minimal, READING_SCHEMA)
     assert set(minimal) == {
@@ -230,7 +232,7 @@ def test_make_reading_rejects_invalid_fields(bad):
         "pulses_total": 0,
     }
     args.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be|2000|never set|positive|non-empty"):
         pl.make_reading(**args)
 
 
@@ -238,7 +240,7 @@ def test_seq_is_monotonic_within_a_boot_and_never_skipped():
     maker = pl.ReadingMaker("dev", pl.new_boot_id(), 1000)
     seqs = [maker.make(i * 10_000, i)["seq"] for i in range(50)]
     assert seqs == list(range(1, 51))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         maker.make(0, -5)
     assert maker.make(500_000, 50)["seq"] == 51
 
@@ -296,7 +298,7 @@ def test_body_is_a_reading_or_a_batch():
     assert pl.body_for([one]) is one
     assert pl.body_for([one, two]) == {"readings": [one, two]}
     jsonschema.validate(pl.body_for([one, two]), BODY_SCHEMA)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nothing to post"):
         pl.body_for([])
 
 
@@ -317,7 +319,7 @@ def test_backoff_jitter_stays_within_its_fraction():
     real = pl.Backoff(1000, 8000, jitter=0.5)
     for expected_raw in (1000, 2000, 4000, 8000, 8000):
         assert expected_raw // 2 <= real.next_delay_ms() <= expected_raw
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base_ms <= cap_ms"):
         pl.Backoff(base_ms=1000, cap_ms=500)
 
 
@@ -628,7 +630,8 @@ def test_firmware_counts_posts_buffers_and_batches(firmware):
     assert (pin.number, pin.trigger, pin.hard) == (27, pin.IRQ_FALLING, True)
 
     _run_firmware(reader, fake_time, pin, 2)  # Wi-Fi not up yet: connect() tried
-    assert hardware.connects == 1 and not hardware.posts
+    assert hardware.connects == 1
+    assert not hardware.posts
     hardware.link_up = True
     _run_firmware(reader, fake_time, pin, 33, pulse_every_ms=500)  # 7.2 kW, across the wrap
     assert [p["status"] for p in hardware.posts] == [200, 200, 200]
@@ -642,7 +645,8 @@ def test_firmware_counts_posts_buffers_and_batches(firmware):
     assert 10_000 <= reading["uptime_ms"] < 10_100  # the loop runs every 50 ms
     assert reading["pulses_total"] == 17  # every 500 ms from 2 s (link up) to 10 s
     assert reading["last_interval_ms"] == 500
-    assert reading["ts"] == int(START_UNIX_S) + 10 and reading["rssi"] == -55
+    assert reading["ts"] == int(START_UNIX_S) + 10
+    assert reading["rssi"] == -55
     assert hardware.posts[2]["body"]["last_interval_ms"] == 500  # after the tick wrap
     assert reader.counter.bounces_rejected == reader.counter.pulses_total
 
@@ -668,7 +672,8 @@ def test_firmware_counts_posts_buffers_and_batches(firmware):
     hardware.link_up = True  # at 100 s, as the next reading is due
     _run_firmware(reader, fake_time, pin, 1)
     new_seqs = [p["body"]["seq"] for p in hardware.posts[posts_before:]]
-    assert new_seqs == [8, 9, 10] and not len(reader.buffer)
+    assert new_seqs == [8, 9, 10]
+    assert not len(reader.buffer)
 
 
 def test_firmware_edge_ring_counts_overruns(firmware):
@@ -684,7 +689,7 @@ def test_firmware_edge_ring_counts_overruns(firmware):
     assert main.drain_edges(counter) == main.RING_SIZE - 1
     assert counter.pulses_total == main.RING_SIZE - 1
     assert main.drain_edges(counter) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="PULSE_EDGE 'falling' or 'rising'"):
         main.attach_pulse_irq(4, "both", None)
 
 
@@ -773,9 +778,9 @@ def test_simulator_refuses_non_loopback_urls():
         "https://127.0.0.1/api/v1/readings",
         "http://0.0.0.0:8080/",
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"only http:// URLs|refusing non-loopback host"):
             check_loopback_url(url)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"only http:// URLs|refusing non-loopback host"):
             SimulatedEsp32(url, "tok", "dev")
     check_loopback_url("http://127.0.0.5:8080/api/v1/readings")
     check_loopback_url("http://localhost:8080/api/v1/readings")
@@ -792,7 +797,8 @@ def test_simulator_posts_readings_by_the_contract(receiver):
         assert record["headers"]["Content-Type"] == "application/json"
         reading = json.loads(record["body"])
         jsonschema.validate(reading, BODY_SCHEMA)
-        assert reading["device_id"] == "esp32-sim" and reading["boot_id"] == sim.boot_id
+        assert reading["device_id"] == "esp32-sim"
+        assert reading["boot_id"] == sim.boot_id
         assert reading["seq"] == i
         assert reading["uptime_ms"] == 10_000 * i
         assert reading["ts"] == int(START_UNIX_S) + 10 * i
@@ -815,7 +821,7 @@ def test_simulator_generates_pulses_at_the_load_rate(receiver):
     assert abs(sim.energy_kwh_load - sim.energy_kwh_counted) < 1 / 3200
     power = pl.power_watts_from_interval(3200, sim.counter.last_interval_ms)
     assert power == pytest.approx(500, rel=0.001)  # 2250 ms, measured in whole ms
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="power_watts must be finite and >= 0"):
         sim.power_watts = -1
 
 
@@ -836,7 +842,8 @@ def test_simulator_batches_readings_after_lost_posts(receiver):
         (True, 200),
         (True, 200),
     ]
-    assert sim.stats()["posts_failed"] == 2 and sim.stats()["buffered"] == 0
+    assert sim.stats()["posts_failed"] == 2
+    assert sim.stats()["buffered"] == 0
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
 
 
@@ -868,11 +875,14 @@ def test_simulator_reboot_starts_a_new_boot(receiver):
     first_boot = sim.boot_id
     assert sim.flush()  # post the 5 pulses since the last reading before the reboot
     sim.reboot(downtime_s=5)
-    assert sim.boot_id != first_boot and sim.seq == 0 and sim.counter.pulses_total == 0
+    assert sim.boot_id != first_boot
+    assert sim.seq == 0
+    assert sim.counter.pulses_total == 0
     sim.step(20)
     second = [json.loads(r["body"]) for r in receiver.records[-2:]]
     assert [(b["boot_id"], b["seq"]) for b in second] == [(sim.boot_id, 1), (sim.boot_id, 2)]
-    assert second[0]["pulses_total"] == 10 and second[0]["uptime_ms"] == 10_000
+    assert second[0]["pulses_total"] == 10
+    assert second[0]["uptime_ms"] == 10_000
     assert sim.energy_kwh_counted == pytest.approx(0.045)  # 25 + 20 pulses; 5 lost while off
     assert sim.pulses_generated == 50
     assert sim.energy_kwh_expected == pytest.approx(0.045)
@@ -906,7 +916,8 @@ def test_simulator_sends_ts_only_once_ntp_synced(receiver):
     sim.ntp_synced = True
     sim.step(10)
     first, second = (json.loads(r["body"]) for r in receiver.records)
-    assert "ts" not in first and "last_interval_ms" not in first  # only one pulse so far
+    assert "ts" not in first
+    assert "last_interval_ms" not in first
     assert second["ts"] == int(START_UNIX_S) + 20
 
 
@@ -918,7 +929,8 @@ def test_simulator_retries_server_errors_and_drops_rejected_bodies(receiver):
     sim.step(5)
     assert [r["status"] for r in receiver.records] == [500, 400, 200]
     assert [json.loads(r["body"])["seq"] for r in receiver.records] == [1, 1, 2]
-    assert sim.stats()["readings_rejected"] == 1 and sim.stats()["buffered"] == 0
+    assert sim.stats()["readings_rejected"] == 1
+    assert sim.stats()["buffered"] == 0
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
     assert sim.energy_kwh_expected == pytest.approx(sim.energy_kwh_counted)
 

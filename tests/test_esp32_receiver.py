@@ -182,11 +182,12 @@ def test_firmware_readings_and_batches_parse():
     batch = [reading(seq, seq * 5) for seq in (1, 2, 3)]
     parsed = parse_body(json.dumps(pl.body_for(batch)).encode())
     assert [r.seq for r in parsed] == [1, 2, 3]
-    assert parsed[0].ts is None and parsed[0].rssi is None
+    assert parsed[0].ts is None
+    assert parsed[0].rssi is None
 
 
 @pytest.mark.parametrize(
-    "change, field",
+    ("change", "field"),
     [
         ({"device_id": ""}, "device_id"),
         ({"device_id": "has space"}, "device_id"),
@@ -224,7 +225,7 @@ def test_each_bad_field_is_named(change, field):
 
 
 @pytest.mark.parametrize(
-    "body, field",
+    ("body", "field"),
     [
         (b"", "body"),
         (b"\xff\xfe{}", "body"),
@@ -259,7 +260,9 @@ def test_non_finite_numbers_are_refused(constant):
 def test_unknown_fields_and_integral_floats_are_accepted():
     raw = {**reading(2, 10), "seq": 2.0, "heap_free": 12345, "rssi": None}
     [parsed] = parse_body(json.dumps(raw).encode())
-    assert parsed.seq == 2 and isinstance(parsed.seq, int) and parsed.rssi is None
+    assert parsed.seq == 2
+    assert isinstance(parsed.seq, int)
+    assert parsed.rssi is None
 
 
 # --- Tokens ------------------------------------------------------------------------------
@@ -278,9 +281,12 @@ def test_device_tokens_bind_devices_to_their_own_token():
         TOKEN, {"esp32-a": "a-token-0123456789abcdef", "esp32-b": "b-token-0123456789abcdef"}
     )
     own = tokens.allowed("Bearer a-token-0123456789abcdef")
-    assert own.may_post("esp32-a") and not own.may_post("esp32-b") and not own.may_post("esp32-c")
+    assert own.may_post("esp32-a")
+    assert not own.may_post("esp32-b")
+    assert not own.may_post("esp32-c")
     shared = tokens.allowed(f"Bearer {TOKEN}")
-    assert shared.may_post("esp32-c") and not shared.may_post("esp32-a")
+    assert shared.may_post("esp32-c")
+    assert not shared.may_post("esp32-a")
     only_devices = TokenCheck("", {"esp32-a": "a-token-0123456789abcdef"})
     assert only_devices.allowed(f"Bearer {TOKEN}") is None
 
@@ -298,7 +304,8 @@ def test_weak_tokens_are_refused_without_showing_them(tmp_path):
         settings = receiver_settings(tmp_path, **overrides)
         with pytest.raises(ConfigError, match="a token must be at least") as caught:
             check_tokens(settings)
-        assert "change-me" not in str(caught.value) and "short secret" not in str(caught.value)
+        assert "change-me" not in str(caught.value)
+        assert "short secret" not in str(caught.value)
 
 
 # --- Timestamps --------------------------------------------------------------------------
@@ -415,7 +422,7 @@ WRONG_TYPES = [
 ]
 
 
-@pytest.mark.parametrize("key, value", WRONG_TYPES)
+@pytest.mark.parametrize(("key", "value"), WRONG_TYPES)
 def test_a_damaged_device_entry_is_repaired_without_going_back(tmp_path, caplog, key, value):
     book = accounts(tmp_path)
     apply(book, reading(1, 50))
@@ -452,7 +459,9 @@ def test_a_device_whose_state_has_a_wrong_type_is_answered_not_500(tmp_path, run
         assert receiver.post(reading(seq, 50 + seq))[0] == 200
     assert receiver.request("GET", "/api/v1/status")[0] == 200
     energy = [value for _ts, value in receiver.points("energy_kwh")]
-    assert energy and energy[0] >= 0.05 and energy == sorted(energy)
+    assert energy
+    assert energy[0] >= 0.05
+    assert energy == sorted(energy)
 
 
 def test_power_from_the_pulse_interval():
@@ -490,7 +499,8 @@ def test_power_from_any_path_is_bounded_by_the_maximum():
     book = accounts(max_power_watts=25_000)
     # 3.6 GW from a 1 us interval: refused, nothing of it counted.
     bounce = apply_full(book, {**reading(1, 10), "last_interval_ms": 0.001})
-    assert bounce.outcome == IMPLAUSIBLE and "last_interval_ms" in bounce.reason
+    assert bounce.outcome == IMPLAUSIBLE
+    assert "last_interval_ms" in bounce.reason
     assert book.energy_kwh("esp32-a") is None or book.energy_kwh("esp32-a") == 0
     assert apply(book, reading(1, 10, last_interval_ms=1800)) == ACCEPTED
     bounce = apply_full(book, {**reading(2, 11), "last_interval_ms": 0.001})
@@ -499,7 +509,8 @@ def test_power_from_any_path_is_bounded_by_the_maximum():
     # Pulses over a short window (within the slack): the average is capped.
     fast = MeterReading("esp32-a", "boot1", 3, 20_100, 1000, 12)
     applied = book.apply(fast, 0)
-    assert applied.outcome == ACCEPTED and applied.power_watts <= 25_000
+    assert applied.outcome == ACCEPTED
+    assert applied.power_watts <= 25_000
 
 
 def apply_full(book: MeterAccounts, raw: dict):
@@ -521,11 +532,14 @@ def test_answers_for_each_kind_of_post(running):
     assert receiver.post(reading(1, 5)) == (200, {"ok": True, "seq": 1, "accepted": 0})
 
     status, answer = receiver.post({**reading(2, 9), "pulses_total": "nine"})
-    assert status == 400 and answer["field"] == "pulses_total" and "pulses_total" in answer["error"]
+    assert status == 400
+    assert answer["field"] == "pulses_total"
+    assert "pulses_total" in answer["error"]
 
     for headers in ({}, {"Authorization": "Bearer nope", "Content-Type": "application/json"}):
         status, answer = receiver.post(reading(2, 9), headers=headers)
-        assert status == 401 and answer["ok"] is False
+        assert status == 401
+        assert answer["ok"] is False
         assert TOKEN not in json.dumps(answer)
 
     status, _ = receiver.post(reading(2, 9), headers={**HEADERS, "Content-Type": "text/plain"})
@@ -533,15 +547,19 @@ def test_answers_for_each_kind_of_post(running):
     status, _ = receiver.post(b"x" * 70_000)
     assert status == 413
     status, answer = receiver.post(b"{not json")
-    assert status == 400 and answer["field"] == "body"
+    assert status == 400
+    assert answer["field"] == "body"
 
     assert receiver.request("GET", "/healthz") == (200, {"ok": True})
     assert receiver.request("GET", "/api/v1/readings")[0] == 405
     assert receiver.request("GET", "/nothing/here")[0] == 404
     counters = receiver.receiver.counters
-    assert counters["requests_ok"] == 2 and counters["requests_bad"] == 2
-    assert counters["requests_unauthorized"] == 2 and counters["requests_wrong_type"] == 1
-    assert counters["readings_accepted"] == 1 and counters["readings_duplicate"] == 1
+    assert counters["requests_ok"] == 2
+    assert counters["requests_bad"] == 2
+    assert counters["requests_unauthorized"] == 2
+    assert counters["requests_wrong_type"] == 1
+    assert counters["readings_accepted"] == 1
+    assert counters["readings_duplicate"] == 1
 
 
 def test_a_chunked_body_is_read_and_limited(running):
@@ -686,11 +704,13 @@ def test_a_token_may_post_only_for_its_own_device(running):
     own = {"Authorization": "Bearer a-token-0123456789abcdef", "Content-Type": "application/json"}
     assert receiver.post(reading(1, 5), headers=own)[0] == 200
     status, answer = receiver.post(reading(1, 5, device="esp32-b"), headers=own)
-    assert status == 401 and answer["field"] == "device_id"
+    assert status == 401
+    assert answer["field"] == "device_id"
     status, answer = receiver.post(
         {"readings": [reading(2, 6), reading(1, 5, device="esp32-b")]}, headers=own
     )
-    assert status == 401 and answer["field"] == "readings[1].device_id"
+    assert status == 401
+    assert answer["field"] == "readings[1].device_id"
     assert receiver.receiver.accounts.energy_kwh("esp32-a") == pytest.approx(0.005)  # nothing of it
 
 
@@ -718,7 +738,8 @@ def test_a_batch_without_clock_is_spread_back_from_the_receive_time(running):
     batch = [reading(seq, seq * 3) for seq in (1, 2, 3)]  # no ts: NTP not synced yet
     assert receiver.post({"readings": batch})[0] == 200
     stamps = [timestamp for timestamp, _ in receiver.points("pulses_total")]
-    assert stamps[2] - stamps[0] == 20 and stamps[1] - stamps[0] == 10
+    assert stamps[2] - stamps[0] == 20
+    assert stamps[1] - stamps[0] == 10
     assert before <= stamps[2] <= time.time()
 
 
@@ -728,9 +749,11 @@ def test_status_page_shows_each_device(running):
     status, page = receiver.request("GET", "/api/v1/status")
     assert status == 200
     [device] = page["devices"]
-    assert device["device_id"] == "esp32-a" and device["name"] == "meter"
+    assert device["device_id"] == "esp32-a"
+    assert device["name"] == "meter"
     assert device["energy_kwh"] == pytest.approx(0.005)
-    assert device["last"]["seq"] == 1 and device["last"]["fw"] == "pulse-reader/1.0"
+    assert device["last"]["seq"] == 1
+    assert device["last"]["fw"] == "pulse-reader/1.0"
     assert TOKEN not in json.dumps(page)
 
 
@@ -747,10 +770,12 @@ def test_huge_numbers_in_any_field_get_400_naming_it(running, field, digits):
     for text in (huge, "-" + huge, huge + ".5", "0." + huge, "1e999"):
         raw = json.dumps(body).replace('"@"', text).encode()
         status, answer = receiver.post(raw)
-        assert status == 400 and answer["field"] == field, (text[:20], answer)
+        assert status == 400, (text[:20], answer)
+        assert answer["field"] == field, (text[:20], answer)
         batch = json.dumps({"readings": [body]}).replace('"@"', text).encode()
         status, answer = receiver.post(batch)
-        assert status == 400 and answer["field"] == f"readings[0].{field}"
+        assert status == 400
+        assert answer["field"] == f"readings[0].{field}"
     assert receiver.receiver.counters["readings_accepted"] == 0
 
 
@@ -758,7 +783,8 @@ def test_huge_numbers_in_any_field_get_400_naming_it(running, field, digits):
 def test_meter_constants_no_meter_has_are_refused(running, imp_per_kwh):
     receiver = running()
     status, answer = receiver.post({**reading(1, 5), "imp_per_kwh": imp_per_kwh})
-    assert status == 400 and answer["field"] == "imp_per_kwh"
+    assert status == 400
+    assert answer["field"] == "imp_per_kwh"
     for good in (100, 100_000):
         raw = {**reading(1, 5, boot=f"b{good}"), "imp_per_kwh": good}
         assert receiver.post(raw) == (200, {"ok": True, "seq": 1, "accepted": 1})
@@ -806,12 +832,15 @@ def test_device_ids_differing_only_in_case_are_refused(running):
     receiver = running()
     assert receiver.post(reading(1, 5, device="Meter-1"))[0] == 200
     status, answer = receiver.post(reading(1, 7, device="meter-1"))
-    assert status == 400 and answer["field"] == "device_id"
-    assert "Meter-1" in answer["error"] and "case" in answer["error"]
+    assert status == 400
+    assert answer["field"] == "device_id"
+    assert "Meter-1" in answer["error"]
+    assert "case" in answer["error"]
     status, answer = receiver.post(
         {"readings": [reading(1, 7, device="x1"), reading(1, 7, device="X1")]}
     )
-    assert status == 400 and answer["field"] == "device_id"
+    assert status == 400
+    assert answer["field"] == "device_id"
     assert receiver.post(reading(2, 6, device="Meter-1"))[0] == 200
     assert [value for _ts, value in receiver.points("energy_kwh")] == [0.005, 0.006]
 
@@ -842,7 +871,8 @@ def test_too_many_devices_are_refused(running):
     assert receiver.post(reading(1, 5, device="a1"))[0] == 200
     assert receiver.post(reading(1, 5, device="a2"))[0] == 200
     status, answer = receiver.post(reading(1, 5, device="a3"))
-    assert status == 400 and answer["field"] == "device_id"
+    assert status == 400
+    assert answer["field"] == "device_id"
 
 
 def sim_esp32(receiver: RunningReceiver, **kwargs: Any) -> SimulatedEsp32:
@@ -1082,7 +1112,8 @@ def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_
     connection.close()
     assert process.proc.wait(timeout=20) == 0
     out = process.stdout_path.read_text()
-    assert out and all(is_valid_line(line) for line in out.splitlines(keepends=True))
+    assert out
+    assert all(is_valid_line(line) for line in out.splitlines(keepends=True))
     assert "home.electricity.meter.energy_kwh 0.005 " in out
     assert not (tmp_path / "state").exists()
 
@@ -1090,14 +1121,16 @@ def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_
 def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     result = run_script(tmp_path, "--bind", "0.0.0.0", "--port", "5000", ESP32_TOKEN="")
     assert result.returncode == EXIT_CONFIG
-    assert result.stderr.strip().count("\n") == 0 and "ESP32_TOKEN" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "ESP32_TOKEN" in result.stderr
     assert result.stdout == ""
 
 
 def test_a_weak_token_is_a_config_error_that_does_not_show_it(tmp_path):
     result = run_script(tmp_path, "--bind", "127.0.0.1", ESP32_TOKEN="hunter2")
     assert result.returncode == EXIT_CONFIG
-    assert "hunter2" not in result.stderr and "ESP32_TOKEN" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "ESP32_TOKEN" in result.stderr
 
 
 def test_a_busy_port_is_a_config_error(tmp_path, receiver_process):
@@ -1113,6 +1146,8 @@ def test_discover_lists_the_devices_that_posted(tmp_path):
     running_receiver.stop()
     result = run_script(tmp_path, "--discover")
     assert result.returncode == 0, result.stderr
-    assert "meter" in result.stdout and "esp32-a" in result.stdout and "2.500" in result.stdout
+    assert "meter" in result.stdout
+    assert "esp32-a" in result.stdout
+    assert "2.500" in result.stdout
     empty = run_script(tmp_path, "--discover", "--state-dir", str(tmp_path / "empty"))
     assert empty.returncode == EXIT_NO_DEVICE

@@ -90,9 +90,11 @@ def test_the_dashboard_validates_against_grafanas_schema(fixtures_dir: Path) -> 
 def test_ids_uid_datasource_and_layout() -> None:
     dashboard = committed_dashboard()
     assert "id" not in dashboard
-    assert dashboard["uid"] == "home-electricity" and 8 <= len(dashboard["uid"]) <= 40
+    assert dashboard["uid"] == "home-electricity"
+    assert 8 <= len(dashboard["uid"]) <= 40
     ids = [panel["id"] for panel in dashboard["panels"]]
-    assert len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids)
+    assert len(ids) == len(set(ids))
+    assert all(isinstance(i, int) for i in ids)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     datasource_uid = yaml.safe_load(DATASOURCES_PATH.read_text())["datasources"][0]["uid"]
     assert variables["datasource"]["current"]["value"] == datasource_uid
@@ -132,12 +134,13 @@ def test_the_tool_writes_both_files_and_refuses_bad_settings(tmp_path: Path, cap
     local.write_text('DASHBOARD_NESTED_DEVICES = ["monitor"]\n')
     assert build_dashboard.main(["--config", str(local), "--out", str(tmp_path / "bad")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "DASHBOARD_NESTED_DEVICES" in error
+    assert error.count("\n") == 1
+    assert "DASHBOARD_NESTED_DEVICES" in error
     assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(
-    "overrides, setting",
+    ("overrides", "setting"),
     [
         ({"DASHBOARD_HOUSE_METER": "smart meter"}, "DASHBOARD_HOUSE_METER"),
         ({"DASHBOARD_NESTED_DEVICES": ["kasa.tv.extra"]}, "DASHBOARD_NESTED_DEVICES"),
@@ -167,9 +170,12 @@ def test_alert_rules_are_well_formed_unified_alerting() -> None:
     datasource_uids = {datasource["uid"] for datasource in datasources}
     assert provisioned["apiVersion"] == 1
     (group,) = provisioned["groups"]
-    assert group["name"] and group["folder"] and re.fullmatch(r"\d+[smh]", group["interval"])
+    assert group["name"]
+    assert group["folder"]
+    assert re.fullmatch(r"\d+[smh]", group["interval"])
     uids = [rule["uid"] for rule in group["rules"]]
-    assert len(uids) == len(set(uids)) == 3 and all(len(uid) <= 40 for uid in uids)
+    assert len(uids) == len(set(uids)) == 3
+    assert all(len(uid) <= 40 for uid in uids)
     for rule in group["rules"]:
         queries = {query["refId"]: query for query in rule["data"]}
         assert rule["condition"] in queries
@@ -190,11 +196,13 @@ def test_alert_rules_are_well_formed_unified_alerting() -> None:
 
 def test_provisioning_files() -> None:
     (datasource,) = yaml.safe_load(DATASOURCES_PATH.read_text())["datasources"]
-    assert datasource["type"] == "graphite" and datasource["access"] == "proxy"
+    assert datasource["type"] == "graphite"
+    assert datasource["access"] == "proxy"
     assert datasource["uid"] == settings_with().dashboard_datasource_uid
     assert datasource["jsonData"]["graphiteVersion"] == "1.1"
     (provider,) = yaml.safe_load(PROVIDERS_PATH.read_text())["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
 
 
 _yaml_scalars = (
@@ -421,7 +429,7 @@ def energy_per_day(filled: Filled, counter: str, start: int) -> list[float]:
     return [days[day] for day in sorted(days)]
 
 
-@pytest.mark.parametrize("name, counter", [("committed", METER), ("nested, glow", GLOW_IMPORT)])
+@pytest.mark.parametrize(("name", "counter"), [("committed", METER), ("nested, glow", GLOW_IMPORT)])
 def test_todays_energy_and_costs(filled: Filled, name: str, counter: str) -> None:
     dashboard = dashboards()[name]
     tariff = {v["name"]: float(v["current"]["value"]) for v in dashboard["templating"]["list"][1:]}
@@ -481,7 +489,8 @@ def test_circuits_today(filled: Filled) -> None:
     start = int(day_start(filled, now_utc()).timestamp())
     used = sum(energy_per_day(filled, "home.electricity.circuit.heat_pump.energy_kwh", start))
     assert today["heat_pump"] == pytest.approx(used, rel=1e-9)
-    assert today["heat_pump"] > 0.2 and today["ev_charger"] == 0
+    assert today["heat_pump"] > 0.2
+    assert today["ev_charger"] == 0
 
 
 def test_collector_health(filled: Filled) -> None:
@@ -540,7 +549,8 @@ def test_a_silent_device_fires_and_the_others_do_not(filled: Filled) -> None:
     firing = evaluate(filled, next(r for r in provisioned if r["uid"] == "he-device-silent"))
     assert firing.pop("kasa.lamp") is True
     assert firing.pop("meter") is False
-    assert len(firing) == 9 and not any(firing.values()), firing  # 8 devices and the Glow display
+    assert len(firing) == 9, firing  # 8 devices and the Glow display
+    assert not any(firing.values()), firing
 
 
 def test_a_silent_collector_fires_and_the_others_do_not(filled: Filled) -> None:
@@ -557,7 +567,7 @@ def test_a_silent_collector_fires_and_the_others_do_not(filled: Filled) -> None:
 
 
 @pytest.mark.parametrize(
-    "house_meter, path",
+    ("house_meter", "path"),
     [
         ("esp32", "home.electricity.meter.power_watts"),
         ("glow", f"home.electricity.glow.{GLOW_ID.lower()}.power_watts"),

@@ -26,7 +26,7 @@ TS = 1_700_000_000
 
 
 @pytest.mark.parametrize(
-    "name, expected",
+    ("name", "expected"),
     [
         ("Living Room Lamp", "living_room_lamp"),
         ("kettle-2", "kettle_2"),
@@ -48,7 +48,7 @@ def test_empty_name_falls_back_to_stable_id():
 
 
 @pytest.mark.parametrize(
-    "name, expected",
+    ("name", "expected"),
     [
         ("кухня", "kukhnia"),
         ("Спальня", "spalnia"),
@@ -68,7 +68,8 @@ def test_names_that_cannot_be_written_stay_distinct_and_stable():
     assert len(set(segments)) == len(names)
     assert all(is_valid_path(segment) for segment in segments)
     assert segments[0] == format_device_name("台所") == "unicode_1bcb3703"  # the same every run
-    assert segments[6].startswith("plug_") and segments[6] != segments[7]
+    assert segments[6].startswith("plug_")
+    assert segments[6] != segments[7]
 
 
 def test_format_line_values():
@@ -123,7 +124,8 @@ def test_spool_keeps_order_across_segments_and_restarts(tmp_path):
     got = []
     assert reopened.replay(lambda batch: got.extend(batch) or True, batch_lines=40) == 300
     assert got == lines(300)
-    assert len(reopened) == 0 and not list(tmp_path.glob("*.spool"))
+    assert len(reopened) == 0
+    assert not list(tmp_path.glob("*.spool"))
 
 
 def test_spool_discards_torn_last_line(tmp_path):
@@ -133,7 +135,8 @@ def test_spool_discards_torn_last_line(tmp_path):
     with open(segment, "ab") as handle:
         handle.write(b"home.t.m1 12")  # the process died mid-write
     reopened = Spool(tmp_path)
-    assert len(reopened) == 3 and reopened.discarded_lines == 1
+    assert len(reopened) == 3
+    assert reopened.discarded_lines == 1
     got = []
     reopened.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(3)
@@ -142,7 +145,8 @@ def test_spool_discards_torn_last_line(tmp_path):
 def test_spool_drops_oldest_when_full(tmp_path):
     spool = Spool(tmp_path, max_lines=1000, segment_lines=300)
     spool.append(lines(1500))
-    assert len(spool) == 1000 and spool.dropped_lines == 500
+    assert len(spool) == 1000
+    assert spool.dropped_lines == 500
     got = []
     spool.replay(lambda batch: got.extend(batch) or True)
     assert got == lines(1000, start=500)

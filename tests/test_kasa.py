@@ -300,7 +300,8 @@ def test_discover_lists_devices_and_sends_nothing(carbon_server, env):
     assert lines[0].split() == ["name", "mac", "address", "model", "energy", "meter"]
     rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == {"Kettle", "Lamp", "Strip"}
-    assert rows["Kettle"].rstrip().endswith("yes") and rows["Lamp"].rstrip().endswith("no")
+    assert rows["Kettle"].rstrip().endswith("yes")
+    assert rows["Lamp"].rstrip().endswith("no")
     assert devices[0].mac in rows["Kettle"]
     time.sleep(1)
     assert carbon_server.metric_paths() == []
@@ -312,7 +313,8 @@ def test_dry_run_prints_only_lines(env):
         result = run_kasa(["--once", "--dry-run", "--host", f"{plug.host}:{sim.port}"], env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines and all(len(line.split()) == 3 for line in lines)
+    assert lines
+    assert all(len(line.split()) == 3 for line in lines)
     assert f"{PREFIX}.p.power_watts 63.499" in result.stdout
 
 
@@ -336,4 +338,5 @@ def test_exit_codes(env, tmp_path):
     result = run_kasa(["--once"], {**env, "CARBON_PORT": "twenty"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kasa: CARBON_PORT:"), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kasa: CARBON_PORT:"), lines

@@ -15,7 +15,8 @@ def total(counters: DayCounters) -> float:
 
 def test_first_reading_starts_at_the_months_energy():
     counters, event = next_counters(None, "2026-03-14", 1.5, 20.0)
-    assert total(counters) == pytest.approx(20.0) and event == "first reading"
+    assert total(counters) == pytest.approx(20.0)
+    assert event == "first reading"
     counters, _ = next_counters(None, "2026-03-14", 1.5, None)
     assert total(counters) == pytest.approx(1.5)
 

@@ -79,7 +79,8 @@ def smart(fixture: str, host: str, alias: str, **kwargs: Any) -> SimulatedSmartD
 
 def check_no_secret(result) -> None:
     for secret in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode()):
-        assert secret not in result.stdout and secret not in result.stderr
+        assert secret not in result.stdout
+        assert secret not in result.stderr
 
 
 def check_smart_plugs(carbon_server, names_fixtures) -> None:
@@ -194,11 +195,14 @@ def test_credentials_refused_said_once_and_last(carbon_server, env, subnet, how,
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     setting = "KASA_USERNAME / KASA_PASSWORD" if credentials == "wrong" else "set KASA_USERNAME"
-    assert setting in lines[-1] and lines[-1].startswith("kasa: 1 device(s)"), lines
+    assert setting in lines[-1], lines
+    assert lines[-1].startswith("kasa: 1 device(s)"), lines
     warnings = [line for line in lines[:-1] if "KASA_USERNAME" in line]
-    assert len(warnings) == 1 and plug.host in warnings[0], lines
+    assert len(warnings) == 1, lines
+    assert plug.host in warnings[0], lines
     # No hunt for a network fault: no legacy fall-back, no "cannot connect".
-    assert "cannot connect" not in result.stderr and "9999" not in result.stderr
+    assert "cannot connect" not in result.stderr
+    assert "9999" not in result.stderr
     assert "Traceback" not in result.stderr
     check_no_secret(result)
     assert plug.request_count == 0
@@ -253,7 +257,8 @@ def test_rediscovering_a_failing_plug_leaks_nothing(
                 devices = await kasa.discover()
                 static = kasa._static[devices[0].stable_id]
                 await asyncio.gather(static.connecting, return_exceptions=True)
-                assert devices[0].handle is None and static.failure is not None
+                assert devices[0].handle is None
+                assert static.failure is not None
 
         async def scenario() -> tuple[int, int]:
             kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
@@ -421,7 +426,8 @@ def test_refusal_said_once_not_retried_every_cycle_but_at_rediscovery(
         runtime.close()
     assert results == [(0, 1)] * 6 + [(1, 0)] * 3
     said = [r.getMessage() for r in caplog.records if "KASA_USERNAME" in r.getMessage()]
-    assert len(said) == 1 and plug.host in said[0]
+    assert len(said) == 1
+    assert plug.host in said[0]
     assert PASSWORD not in caplog.text
     assert plug.handshake1_count == 3  # one per rediscovery
 
@@ -456,5 +462,6 @@ def test_refused_in_mid_life_is_said_plainly_and_not_retried_each_cycle(
         runtime.close()
     assert results == [(1, 0)] + [(0, 1)] * 4
     said = [r.getMessage() for r in caplog.records if "KASA_USERNAME" in r.getMessage()]
-    assert len(said) == 1 and "refused" in said[0]
+    assert len(said) == 1
+    assert "refused" in said[0]
     assert attempts == 0  # not asked again before the next rediscovery

@@ -431,7 +431,8 @@ def test_once_without_broker_says_so(tmp_path: Path, run_collector) -> None:
     status, _stdout = collector.finish()
     assert status == 3
     last = collector.log.splitlines()[-1]
-    assert last.startswith("mqtt: broker 127.0.0.1:") and "unreachable" in last
+    assert last.startswith("mqtt: broker 127.0.0.1:")
+    assert "unreachable" in last
 
 
 def test_once_with_carbon_down_spools(mosquitto_broker: MosquittoBroker, run_collector) -> None:

@@ -86,7 +86,8 @@ def test_electricity_message(session) -> None:
 def test_invalid_power_marker(session) -> None:
     reading = parse_glow_electricity(decode_json(session[3].payload))
     assert reading.power_invalid
-    assert "power_watts" not in reading.values and "power_kw" not in reading.values
+    assert "power_watts" not in reading.values
+    assert "power_kw" not in reading.values
 
 
 def test_export_gives_negative_power(session) -> None:
@@ -344,7 +345,8 @@ def test_devices_in_other_scripts_get_distinct_stable_names(tmp_path: Path) -> N
 
     first = segments()
     assert first[:2] == ["kukhnia", "spalnia"]
-    assert len(set(first)) == 4 and "unknown" not in first
+    assert len(set(first)) == 4
+    assert "unknown" not in first
     assert segments() == first  # the same after a restart
 
 
@@ -390,7 +392,7 @@ def test_a_replaced_device_named_as_its_predecessor_takes_its_series(
 
 
 @pytest.mark.parametrize(
-    "topic, payload",
+    ("topic", "payload"),
     [
         ("tele/plug/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 5000 + b"}}"),
         ("tele/plug/SENSOR", b'{"ENERGY": {"Power": ' + b"9" * 310 + b"}}"),
@@ -413,5 +415,6 @@ def test_hostile_payloads_are_counted_never_a_line(topic: str, payload: bytes, c
         assert (outcome.status, outcome.lines) == ("invalid", [])
     assert handler.counts["messages_invalid"] == 3
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "message refused" in warnings[0]  # said once
+    assert len(warnings) == 1
+    assert "message refused" in warnings[0]
     assert len(warnings[0]) < 400  # neither a huge topic nor the payload in the log

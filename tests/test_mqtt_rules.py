@@ -224,7 +224,9 @@ def test_message_matched_by_a_rule_but_without_its_figures_gives_nothing() -> No
     extraction = table.extract(
         "shellyplus1pm-x/status/sys", b'{"mac": "A8032AB12345", "uptime": 5}'
     )
-    assert extraction.rules and not extraction.values and not extraction.problems
+    assert extraction.rules
+    assert not extraction.values
+    assert not extraction.problems
 
 
 def test_bad_figure_is_a_problem_and_the_good_ones_still_count() -> None:

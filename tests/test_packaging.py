@@ -38,7 +38,8 @@ def test_the_metadata_names_the_python_versions_and_the_licence() -> None:
     assert 'requires-python = ">=3.9"' in text
     assert "GPL-3.0-or-later" in text
     licence = (ROOT / "LICENSE").read_text()
-    assert "GNU GENERAL PUBLIC LICENSE" in licence and "Version 3, 29 June 2007" in licence
+    assert "GNU GENERAL PUBLIC LICENSE" in licence
+    assert "Version 3, 29 June 2007" in licence
 
 
 def test_every_fixture_folder_says_where_its_data_comes_from() -> None:

@@ -29,17 +29,20 @@ def test_defaults(tmp_path):
     settings = load(tmp_path)
     assert (settings.carbon_host, settings.carbon_port) == ("127.0.0.1", 2003)
     assert settings.metric_prefix == "home.electricity"
-    assert settings.plug_interval_s == 30 and settings.meter_interval_s == 5
+    assert settings.plug_interval_s == 30
+    assert settings.meter_interval_s == 5
     assert settings.rediscover_interval_s == 600
 
 
 def test_local_file_then_environment_then_flags(tmp_path):
     local = 'CARBON_HOST = "192.168.86.123"\nCARBON_PORT = 2004\nKASA_HOSTS = ["10.0.0.5"]\n'
     settings = load(tmp_path, local=local)
-    assert settings.carbon_host == "192.168.86.123" and settings.kasa_hosts == ["10.0.0.5"]
+    assert settings.carbon_host == "192.168.86.123"
+    assert settings.kasa_hosts == ["10.0.0.5"]
     env = {"CARBON_PORT": "2005", "KASA_HOSTS": "a, b:9998", "ELECTRICITY_STATE_DIR": "/x"}
     settings = load(tmp_path, env=env, local=local)
-    assert settings.carbon_port == 2005 and settings.kasa_hosts == ["a", "b:9998"]
+    assert settings.carbon_port == 2005
+    assert settings.kasa_hosts == ["a", "b:9998"]
     assert settings.state_dir == "/x"
     settings = load(tmp_path, env=env, local=local, CARBON_PORT=2006)
     assert settings.carbon_port == 2006
@@ -50,7 +53,7 @@ def test_float_setting_accepts_int(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "local, env, named",
+    ("local", "env", "named"),
     [
         ('CARBON_PORT = "2003"\n', {}, "CARBON_PORT"),
         ("CARBON_PORT = 70000\n", {}, "CARBON_PORT"),
@@ -85,7 +88,7 @@ def test_missing_named_config_file_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    ("text", "expected"),
     [
         ("10.0.0.5", ("10.0.0.5", 9999)),
         ("10.0.0.5:9998", ("10.0.0.5", 9998)),
@@ -141,16 +144,17 @@ def _bad_values() -> list[tuple[str, object]]:
     return bad
 
 
-@pytest.mark.parametrize("name, value", _bad_values(), ids=repr)
+@pytest.mark.parametrize(("name", "value"), _bad_values(), ids=repr)
 def test_every_bad_value_is_refused_naming_the_setting(tmp_path, name, value):
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, local=f"from math import inf, nan\n{name} = {value!r}\n")
     message = str(raised.value)
-    assert message.startswith(f"{name}:") and "\n" not in message
+    assert message.startswith(f"{name}:")
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(
-    "local, named",
+    ("local", "named"),
     [
         ("CARBON_TIMEOUT_S = 1e300\n", "CARBON_TIMEOUT_S"),
         ("PLUG_INTERVAL_S = 1e-9\n", "PLUG_INTERVAL_S"),
@@ -181,7 +185,7 @@ def test_the_values_issue_12_found(tmp_path, local, named):
 
 
 @pytest.mark.parametrize(
-    "env, named",
+    ("env", "named"),
     [
         ({"CARBON_TIMEOUT_S": "1e300"}, "CARBON_TIMEOUT_S"),
         ({"CARBON_TIMEOUT_S": "nan"}, "CARBON_TIMEOUT_S"),
@@ -193,7 +197,8 @@ def test_the_values_issue_12_found(tmp_path, local, named):
 def test_bad_environment_values(tmp_path, env, named):
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, env=env)
-    assert str(raised.value).startswith(named + ":") and len(str(raised.value)) < 300
+    assert str(raised.value).startswith(named + ":")
+    assert len(str(raised.value)) < 300
 
 
 def test_command_line_interval_is_checked(tmp_path):
@@ -205,7 +210,7 @@ def test_command_line_interval_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "local, named, hint",
+    ("local", "named", "hint"),
     [
         ('carbon_host = "10.0.0.9"\n', "carbon_host", "did you mean CARBON_HOST?"),
         ('Carbon_Host = "10.0.0.9"\n', "Carbon_Host", "did you mean CARBON_HOST?"),
@@ -218,7 +223,8 @@ def test_misspelt_settings_are_refused_with_a_suggestion(tmp_path, local, named,
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, local=local)
     message = str(raised.value)
-    assert message.startswith(named + ": unknown setting") and hint in message
+    assert message.startswith(named + ": unknown setting")
+    assert hint in message
 
 
 def test_helpers_in_config_local_are_allowed(tmp_path):
@@ -247,7 +253,8 @@ def test_config_local_that_raises_or_exits_is_one_line(tmp_path, local):
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, local=local)
     message = str(raised.value)
-    assert message.startswith("ELECTRICITY_CONFIG: cannot load") and "\n" not in message
+    assert message.startswith("ELECTRICITY_CONFIG: cannot load")
+    assert "\n" not in message
 
 
 def test_secret_never_shown_when_out_of_range_or_wrong(tmp_path):
@@ -265,7 +272,8 @@ def test_two_devices_given_one_name_are_refused(tmp_path):
         load(tmp_path, local=local)
     message = str(raised.value)
     assert message.startswith("DEVICE_NAMES:")
-    assert "50:C7:BF:00:00:01" in message and "50:C7:BF:00:00:02" in message
+    assert "50:C7:BF:00:00:01" in message
+    assert "50:C7:BF:00:00:02" in message
 
 
 @pytest.mark.parametrize("names", ["{'a': 5}", "{'a': '💡'}", "{'a': ''}"])
@@ -290,11 +298,12 @@ def assert_config_exit(result, source: str, named: str) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"{source}: {named}"), lines[0]
-    assert "Traceback" not in result.stderr and not result.stdout
+    assert "Traceback" not in result.stderr
+    assert not result.stdout
 
 
 @pytest.mark.parametrize(
-    "source, config, extra, named",
+    ("source", "config", "extra", "named"),
     [
         ("kasa", "", {"CARBON_TIMEOUT_S": "1e300"}, "CARBON_TIMEOUT_S"),
         ("kasa", 'carbon_host = "10.0.0.9"\n', {}, "carbon_host"),
@@ -326,7 +335,7 @@ def test_bad_settings_stop_a_collector_with_one_line(tmp_path, source, config, e
 
 
 @pytest.mark.parametrize(
-    "flag, named", [("--state-dir", "STATE_DIR"), ("--carbon", "CARBON_DESTINATIONS")]
+    ("flag", "named"), [("--state-dir", "STATE_DIR"), ("--carbon", "CARBON_DESTINATIONS")]
 )
 def test_empty_flag_is_refused_not_ignored(tmp_path, flag, named):
     result = run_collector(

@@ -469,7 +469,7 @@ def test_address_clash_is_reported(start_simulator: Callable) -> None:
     sim = start_simulator([SimulatedKasaDevice("KP115", host="127.0.0.20")])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind(("127.0.0.21", sim.port))
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=r"[Aa]ddress already in use"):
             sim.add(SimulatedKasaDevice("KP115", host="127.0.0.21"))
     assert [d.host for d in sim.devices] == ["127.0.0.20"]
 

@@ -41,11 +41,13 @@ def post(connection: http.client.HTTPConnection, path: str, body: bytes, cookie:
 def handshake(connection, owner_hash: bytes) -> tuple[KlapSession, str]:
     local_seed = secrets.token_bytes(16)
     status, body, cookie = post(connection, "/app/handshake1", local_seed)
-    assert status == 200 and len(body) == 48
+    assert status == 200
+    assert len(body) == 48
     remote_seed, proof = body[:16], body[16:]
     assert proof == hashlib.sha256(local_seed + remote_seed + owner_hash).digest()
     session_cookie = cookie.split(";")[0]
-    assert session_cookie.startswith("TP_SESSIONID=") and "TIMEOUT=86400" in cookie
+    assert session_cookie.startswith("TP_SESSIONID=")
+    assert "TIMEOUT=86400" in cookie
     answer = hashlib.sha256(remote_seed + local_seed + owner_hash).digest()
     status, _, _ = post(connection, "/app/handshake2", answer, session_cookie)
     assert status == 200
@@ -71,7 +73,8 @@ def test_klap_v2_session_and_smart_methods(subnet):
         try:
             session, cookie = handshake(connection, auth_hash(USERNAME, PASSWORD))
             info = call(connection, session, cookie, 7, {"method": "get_device_info"})
-            assert info["error_code"] == 0 and info["result"]["model"] == "P115"
+            assert info["error_code"] == 0
+            assert info["result"]["model"] == "P115"
             batch = call(
                 connection,
                 session,
@@ -93,7 +96,8 @@ def test_klap_v2_session_and_smart_methods(subnet):
             assert post(connection, "/app/request?seq=9", session.encrypt(b"{}", 9))[0] == 403
         finally:
             connection.close()
-    assert plug.handshake_count == 1 and plug.request_count == 2
+    assert plug.handshake_count == 1
+    assert plug.request_count == 2
 
 
 def test_wrong_credentials_cannot_finish_a_handshake(subnet):
@@ -149,7 +153,8 @@ def test_discovery_answers_from_port_20002_of_each_device(subnet):
         assert binascii.crc32(checked).to_bytes(4, "big") == crc
         assert struct.unpack(">H", data[4:6])[0] == len(data) - 16
         result = json.loads(data[16:])["result"]
-        assert result["ip"] == device.host and result["mac"] == device.mac
+        assert result["ip"] == device.host
+        assert result["mac"] == device.mac
         assert result["device_type"] == "SMART.TAPOPLUG"
         assert result["mgt_encrypt_schm"] == {
             "encrypt_type": "KLAP",
@@ -163,7 +168,8 @@ def test_strip_children_listed_by_pages_and_reached_by_control_child():
     strip = SimulatedSmartDevice(SMART_FIXTURES[0], host="127.0.2.9", strip=True)
     listed = strip.handle({"method": "get_child_device_list", "params": {"start_index": 2}})
     result = listed["result"]
-    assert result["sum"] == 4 and result["start_index"] == 2
+    assert result["sum"] == 4
+    assert result["start_index"] == 2
     assert [c["device_id"] for c in result["child_device_list"]] == strip.child_ids[2:]
     answer = strip.handle(
         {
@@ -182,7 +188,7 @@ def test_strip_children_listed_by_pages_and_reached_by_control_child():
 
 
 def test_loopback_only():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a loopback address"):
         SimulatedSmartDevice(SMART_FIXTURES[0], host="192.168.1.20")
 
 
@@ -213,7 +219,8 @@ def test_encrypt_info_sealed_with_the_probes_rsa_key(subnet):
     decryptor = cipher.decryptor()
     padded = decryptor.update(base64.b64decode(info["data"])) + decryptor.finalize()
     data = json.loads(padded[: -padded[-1]])
-    assert data["owner"] == plug.owner and data["connect_type"] == "wireless"
+    assert data["owner"] == plug.owner
+    assert data["connect_type"] == "wireless"
     # A probe without a key gets no encrypt_info (as python-kasa's older probe).
     bare = plug.discovery_answer(struct.pack(">BBHHBBII", 2, 0, 1, 0, 17, 0, 1, 0), 80)
     assert "encrypt_info" not in json.loads(bare[16:])["result"]

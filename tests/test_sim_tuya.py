@@ -137,7 +137,8 @@ def test_plug_and_meter_dp_sets():
     assert plug_dps(60.0, legacy=True) == {"1": True, "4": 250, "5": 600, "6": 2400}
     assert plug_dps(60.0, on=False)["19"] == 0
     three = din_meter_dps([(230.0, 1.0, 230.0), (231.0, 2.0, 462.0), (229.5, 0.0, 0.0)], 12.34)
-    assert three["1"] == 1234 and three["16"] is True
+    assert three["1"] == 1234
+    assert three["16"] is True
     assert [decode_phase(three[dp]) for dp in ("6", "7", "8")] == [
         (230.0, 1.0, 230.0),
         (231.0, 2.0, 462.0),
@@ -153,7 +154,8 @@ def test_default_dps_follow_mapping_and_category(wizard_entries):
     assert set(default_dps(by_name["Dishwasher"])) == {"1", "4", "5", "6"}  # cz, no mapping
     meter = default_dps(by_name["Main Oven"])  # dlq, no mapping
     assert decode_phase(meter["6"]) == (230.0, 1.5, 345.0)
-    assert meter["1"] == 123456 and meter["16"] is True
+    assert meter["1"] == 123456
+    assert meter["16"] is True
     assert default_dps(by_name["Gateway"]) == {"1": False}  # empty mapping, not a plug
     alarm = default_dps(by_name["Multifunction alarm"])
     assert set(alarm) == set(by_name["Multifunction alarm"]["mapping"])

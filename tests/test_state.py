@@ -27,7 +27,9 @@ def test_two_devices_never_share_a_name(tmp_path):
     names = NameMap(tmp_path / "names.json")
     first = names.name_for("id-1", "Plug")
     second = names.name_for("id-2", "Plug")
-    assert first == "plug" and second != first and second.startswith("plug_")
+    assert first == "plug"
+    assert second != first
+    assert second.startswith("plug_")
 
 
 def test_unusable_name_falls_back_to_id(tmp_path):
@@ -100,7 +102,9 @@ def test_unusable_entry_is_ignored_once_and_the_device_named_afresh(tmp_path, ca
     path.write_text(json.dumps({"id-1": bad, "id-2": "lamp"}))
     names = NameMap(path)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and str(path) in warnings[0] and "'id-1'" in warnings[0]
+    assert len(warnings) == 1
+    assert str(path) in warnings[0]
+    assert "'id-1'" in warnings[0]
     assert names.name_for("id-1", "Kettle") == "kettle"
     assert names.name_for("id-2", "Lamp 2") == "lamp"
     # The file now holds usable names only: the next start says nothing.
@@ -111,7 +115,7 @@ def test_unusable_entry_is_ignored_once_and_the_device_named_afresh(tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "edited, used",
+    ("edited", "used"),
     [("Living room", "living_room"), ("kitchen.left", "kitchenleft"), ("Hall/Lamp", "halllamp")],
 )
 def test_hand_edited_name_is_cleaned_like_a_reported_one(tmp_path, caplog, edited, used):
@@ -120,7 +124,9 @@ def test_hand_edited_name_is_cleaned_like_a_reported_one(tmp_path, caplog, edite
     names = NameMap(path)
     assert names.name_for("50:C7:BF:00:00:01", "Plug") == used
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "'50:c7:bf:00:00:01'" in warnings[0] and repr(used) in warnings[0]
+    assert len(warnings) == 1
+    assert "'50:c7:bf:00:00:01'" in warnings[0]
+    assert repr(used) in warnings[0]
     assert json.loads(path.read_text()) == {"50:c7:bf:00:00:01": used}
 
 
@@ -142,7 +148,8 @@ def test_two_entries_with_one_name_in_names_json_are_told_apart(tmp_path):
     path.write_text(json.dumps({"id-1": "kitchen", "id-2": "kitchen"}))
     names = NameMap(path)
     first, second = names.name_for("id-1"), names.name_for("id-2")
-    assert first == "kitchen" and second != first
+    assert first == "kitchen"
+    assert second != first
 
 
 # --- No two devices ever share a series ------------------------------------------
@@ -161,7 +168,8 @@ def test_renamed_for_an_override_never_lands_on_a_name_already_taken(tmp_path):
     path.write_text(json.dumps({"id-1": "meter", "id-3": "meter_id_1"}))
     names = NameMap(path, {"id-2": "meter"})
     found = {key: names.name_for(key) for key in ("id-1", "id-2", "id-3")}
-    assert len(set(found.values())) == 3 and found["id-2"] == "meter"
+    assert len(set(found.values())) == 3
+    assert found["id-2"] == "meter"
 
 
 def test_pinned_name_never_takes_a_configured_one(tmp_path):
@@ -174,7 +182,8 @@ def test_pinned_name_never_takes_a_configured_one(tmp_path):
 def test_two_ids_given_one_name_are_refused():
     with pytest.raises(ConfigError, match="both named 'kitchen'") as raised:
         NameMap(None, {"50:c7:bf:00:00:01": "kitchen", "50:c7:bf:00:00:02": "Kitchen"})
-    assert "50:c7:bf:00:00:01" in str(raised.value) and "50:c7:bf:00:00:02" in str(raised.value)
+    assert "50:c7:bf:00:00:01" in str(raised.value)
+    assert "50:c7:bf:00:00:02" in str(raised.value)
 
 
 @pytest.mark.parametrize("kind", ["a file", "read-only"])

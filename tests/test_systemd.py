@@ -113,7 +113,8 @@ def test_system_units_render_for_this_checkout(prefix: Path, tmp_path: Path) -> 
         assert (ROOT / script).is_file()
         assert unit["Type"] == ["notify"]
         assert unit["WatchdogSec"] == ["5min"]
-        assert unit["Restart"] == ["always"] and unit["RestartSec"] == ["10"]
+        assert unit["Restart"] == ["always"]
+        assert unit["RestartSec"] == ["10"]
         assert unit["Wants"] == ["network-online.target"]
         assert unit["After"] == ["network-online.target time-sync.target"]
         assert unit["User"] == [
@@ -153,7 +154,8 @@ def test_user_units_have_no_user_and_no_namespaces(prefix: Path, tmp_path: Path)
         assert "network-online.target" not in text  # a system unit, absent in user managers
         unit = unit_settings(units / f"electricity-{name}.service")
         assert unit["WantedBy"] == ["default.target"]
-        assert unit["NoNewPrivileges"] == ["yes"] and unit["WatchdogSec"] == ["5min"]
+        assert unit["NoNewPrivileges"] == ["yes"]
+        assert unit["WatchdogSec"] == ["5min"]
     assert "would run: systemctl --user enable electricity-esp32.service" in result.stdout
     assert not system_units(prefix).exists()
 
@@ -179,18 +181,22 @@ def test_install_twice_changes_nothing_and_uninstall_removes(prefix: Path, tmp_p
 
 def test_install_refuses_what_it_cannot_do(prefix: Path, tmp_path: Path) -> None:
     nothing = install("--prefix", str(prefix))
-    assert nothing.returncode == 2 and "name the collectors" in nothing.stderr
+    assert nothing.returncode == 2
+    assert "name the collectors" in nothing.stderr
     unknown = install("--prefix", str(prefix), "kasa", "zigbee")
-    assert unknown.returncode == 2 and "unknown collector 'zigbee'" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "unknown collector 'zigbee'" in unknown.stderr
     spaced = install("--prefix", str(prefix), "--state-dir", str(tmp_path / "my state"), "kasa")
-    assert spaced.returncode == 2 and "plain path" in spaced.stderr
+    assert spaced.returncode == 2
+    assert "plain path" in spaced.stderr
 
     bad = tmp_path / "config_local.py"
     bad.write_text("PLUG_INTERVAL_S = 'often'\n")
     env = {**os.environ, "ELECTRICITY_CONFIG": str(bad)}
     wrong = install("--prefix", str(prefix), "kasa", env=env)
     assert wrong.returncode == 2
-    assert "PLUG_INTERVAL_S" in wrong.stderr and "fix the settings" in wrong.stderr
+    assert "PLUG_INTERVAL_S" in wrong.stderr
+    assert "fix the settings" in wrong.stderr
     assert not system_units(prefix).exists(), "nothing is rendered from bad settings"
 
 
@@ -372,11 +378,13 @@ def test_each_cycle_that_delivers_or_spools_pings(
     runtime = make_runtime(tmp_path, outcome)
     assert run_loop(runtime, cycles=3) == EXIT_OK
     messages = notify_socket.receive(0.5)
-    assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1"
+    assert messages[0] == "READY=1"
+    assert messages[-1] == "STOPPING=1"
     pings = [m for m in messages if m.startswith("WATCHDOG=1\n")]
     assert len(pings) >= 3
     status = pings[0].split("\n")[1]
-    assert status.startswith("STATUS=") and "1 devices answered, 0 failed" in status
+    assert status.startswith("STATUS=")
+    assert "1 devices answered, 0 failed" in status
     assert ("delivered" if outcome == "deliver" else "spooled") in status
 
 
@@ -400,11 +408,12 @@ def test_line_batcher_pings_after_each_send_only(
     batcher.add(["home.electricity.fake.p.power_watts 1 1700000000\n"])
     assert not batcher.flush()  # spooled
     [ping] = notify_socket.receive(1, count=1)
-    assert ping.startswith("WATCHDOG=1\nSTATUS=") and "1 lines spooled" in ping
+    assert ping.startswith("WATCHDOG=1\nSTATUS=")
+    assert "1 lines spooled" in ping
 
     runtime.sink = Sink("fail")
     batcher.add(["home.electricity.fake.p.power_watts 2 1700000001\n"])
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         batcher.flush()
     assert notify_socket.receive(0.3) == []
 

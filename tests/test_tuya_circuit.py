@@ -130,7 +130,8 @@ def test_tuya_meters_land_as_circuits(carbon_server, meters, tmp_path):
     for path, value in expected.items():
         assert points[path][-1][1] == pytest.approx(value, rel=1e-9), path
     assert not [p for p in carbon_server.metric_paths() if ".hob." in p or "is_on" in p]
-    assert "Hob" in result.stderr and "no answer" in result.stderr
+    assert "Hob" in result.stderr
+    assert "no answer" in result.stderr
     for key in {d.local_key.decode() for d in devices}:
         assert key not in result.stderr
 
@@ -149,4 +150,5 @@ def test_a_circuit_id_missing_from_devices_json_stops_the_collector(meters, tmp_
     result = run_collector("circuit_to_graphite.py", ["--once", "--dry-run"], env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "bf000000000000stranger is not in" in lines[0]
+    assert len(lines) == 1
+    assert "bf000000000000stranger is not in" in lines[0]

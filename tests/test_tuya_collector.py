@@ -217,7 +217,8 @@ def test_every_device_of_the_home_lands_right(carbon_server, make_home, env):
     stored = {p.split(".")[3] for p in carbon_server.metric_paths() if p.startswith(PREFIX)}
     assert stored == set(home.expected)  # the water timer, gateway and alarm send nothing
     for name in SKIPPED:
-        assert f"{name} (" in result.stderr and "left out" in result.stderr
+        assert f"{name} (" in result.stderr
+        assert "left out" in result.stderr
         assert "connect" not in home.devices[name].counts
 
 
@@ -257,12 +258,14 @@ def test_failing_devices_do_not_stop_the_others_and_no_key_is_ever_logged(
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     for name, reason in failing.items():
         mine = [line for line in warnings if f"tuya: {name} (" in line]
-        assert len(mine) == 1 and reason in mine[0], (name, warnings)
+        assert len(mine) == 1, (name, warnings)
+        assert reason in mine[0], (name, warnings)
     assert not any(
         p.split(".")[3] in map(home.segment, failing) for p in carbon_server.metric_paths()
     )
     for key in home.keys:
-        assert key not in result.stderr and key not in result.stdout
+        assert key not in result.stderr
+        assert key not in result.stdout
 
 
 # --- in process: several cycles -------------------------------------------------------------
@@ -370,12 +373,15 @@ def test_impossible_values_and_scaling_mistakes_are_dropped_and_counted(make_hom
     assert f"{PREFIX}.kettle.power_watts" not in got
     assert f"{PREFIX}.kettle.current_amps" not in got  # 20.8 A: over 20 A too
     assert f"{PREFIX}.kettle.voltage_volts" in got
-    assert f"{PREFIX}.shed.voltage_volts" not in got and f"{PREFIX}.shed.power_watts" in got
+    assert f"{PREFIX}.shed.voltage_volts" not in got
+    assert f"{PREFIX}.shed.power_watts" in got
     assert f"{PREFIX}.garage_lights.power_watts" not in got
     assert f"{PREFIX}.garage_lights.current_amps" not in got
     assert got["home.electricity.health.tuya.values_out_of_range"] == 5, result.stderr
-    assert "disagree" in result.stderr and "TUYA_SCALING" in result.stderr
-    assert "outside 0..4000" in result.stderr and "outside 80..300" in result.stderr
+    assert "disagree" in result.stderr
+    assert "TUYA_SCALING" in result.stderr
+    assert "outside 0..4000" in result.stderr
+    assert "outside 80..300" in result.stderr
 
 
 def test_addresses_and_versions_from_the_config(make_home, env, tmp_path):
@@ -417,10 +423,12 @@ def test_excluded_devices_and_circuits_are_left_alone(make_home, env):
         {**env, "TUYA_EXCLUDE": '["kettle"]', "CIRCUITS": json.dumps(circuits)},
     )
     assert result.returncode == 0, result.stderr
-    assert ".kettle." not in result.stdout and ".main_oven." not in result.stdout
+    assert ".kettle." not in result.stdout
+    assert ".main_oven." not in result.stdout
     assert f"{PREFIX}.shed.power_watts" in result.stdout
     for device in (home.devices["Kettle"], oven):
-        assert "connect" not in device.counts and "session" not in device.counts
+        assert "connect" not in device.counts
+        assert "session" not in device.counts
     assert "left out: excluded (TUYA_EXCLUDE)" in result.stderr
     assert "left out: a circuit" in result.stderr
 
@@ -452,9 +460,12 @@ def test_a_wrong_type_in_one_entry_stops_only_that_device(make_home, env):
     key = _with_a_list_code(home, "Kettle")
     result = run_tuya(["--once", "--dry-run", "--devices", str(home.path)], env)
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr and key not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert key not in result.stderr
     said = [line for line in result.stderr.splitlines() if "(Kettle)" in line]
-    assert len(said) == 1 and "code is a list" in said[0] and "left out" in said[0]
+    assert len(said) == 1
+    assert "code is a list" in said[0]
+    assert "left out" in said[0]
     assert ".kettle." not in result.stdout
     assert f"{PREFIX}.shed.power_watts" in result.stdout
 
@@ -466,9 +477,11 @@ def test_discover_with_a_wrong_type_in_one_entry_prints_no_traceback(make_home, 
         ["--discover", "--devices", str(home.path)], {**env, "TUYA_ANNOUNCE_LISTEN_S": "1.5"}
     )
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr and key not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert key not in result.stderr
     rows = {line.split("  ")[0] for line in result.stdout.splitlines()[2:]}
-    assert "Kettle" not in rows and "Shed" in rows
+    assert "Kettle" not in rows
+    assert "Shed" in rows
 
 
 def test_discover_merges_announcements_with_devices_json(make_home, env):
@@ -487,10 +500,13 @@ def test_discover_merges_announcements_with_devices_json(make_home, env):
     assert rows["Freezer"].rstrip().endswith("not seen")
     assert rows["Kettle"].rstrip().endswith("announced")
     oven = home.devices["Main Oven"]
-    assert oven.host in rows["Main Oven"] and " 3.4 " in rows["Main Oven"]
-    assert "metering DIN breaker" in rows["Main Oven"] and "energy counter" in rows["Main Oven"]
+    assert oven.host in rows["Main Oven"]
+    assert " 3.4 " in rows["Main Oven"]
+    assert "metering DIN breaker" in rows["Main Oven"]
+    assert "energy counter" in rows["Main Oven"]
     assert "nothing: water timer" in rows["Diivoo smart dual water timer"]
-    assert "bfstranger00000000000x" in rows["?"] and "not in devices.json" in rows["?"]
+    assert "bfstranger00000000000x" in rows["?"]
+    assert "not in devices.json" in rows["?"]
     assert "2 of 21 devices.json entries not heard" in result.stderr
     assert all("connect" not in d.counts for d in home.devices.values())  # listened only
 
@@ -500,7 +516,8 @@ def test_exit_codes(env, tmp_path, hosts):
     result = run_tuya(["--once", "--devices", str(tmp_path / "missing.json")], env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tuya: TUYA_DEVICES_FILE:")
+    assert len(lines) == 1
+    assert lines[0].startswith("tuya: TUYA_DEVICES_FILE:")
     assert "tinytuya wizard" in lines[0]
     # A bad override: 2.
     path = tmp_path / "devices.json"
@@ -509,7 +526,8 @@ def test_exit_codes(env, tmp_path, hosts):
     result = run_tuya(
         ["--once", "--devices", str(path)], {**env, "TUYA_SCALING": '{"Dead": {"watts": 1}}'}
     )
-    assert result.returncode == 2 and "TUYA_SCALING" in result.stderr
+    assert result.returncode == 2
+    assert "TUYA_SCALING" in result.stderr
     # Nothing listens at the address: no device answered, 3.
     result = run_tuya(["--once", "--dry-run", "--devices", str(path)], env)
     assert result.returncode == 3, result.stderr

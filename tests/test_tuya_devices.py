@@ -85,13 +85,15 @@ def test_bad_entries_are_left_out_with_a_reason_and_never_the_key():
     assert [e.name for e in entries] == ["Good"]
     assert entries[0].version == "3.3"
     assert len(problems) == 4
-    assert "No id" in problems[0] and "2.9" in problems[1] and "twice" in problems[2]
+    assert "No id" in problems[0]
+    assert "2.9" in problems[1]
+    assert "twice" in problems[2]
     assert not any(KEY in problem for problem in problems)
     assert KEY not in repr(entries[0])
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    ("content", "message"),
     [(None, "not found"), ("{not json", "not valid JSON"), ('{"x": 1}', "expected a list")],
 )
 def test_unusable_devices_file_is_a_config_error(tmp_path, content, message):
@@ -112,7 +114,8 @@ def test_per_device_settings_match_id_or_name(wizard):
     kettle = by_name(wizard, "Kettle")
     assert devicefile.lookup({"kettle ": "127.0.0.9"}, kettle) == "127.0.0.9"
     assert devicefile.lookup({kettle.id: "a", "Kettle": "b"}, kettle) == "a"
-    assert devicefile.matches(["KETTLE"], kettle) and not devicefile.matches(["Shed"], kettle)
+    assert devicefile.matches(["KETTLE"], kettle)
+    assert not devicefile.matches(["Shed"], kettle)
 
 
 # --- what each device of the real home measures ---------------------------------------
@@ -144,10 +147,12 @@ def test_every_wizard_device_gets_the_right_plan(wizard):
                 "power_watts": scaling.Channel("19", 1),
                 "voltage_volts": scaling.Channel("20", 1),
             }
-            assert plan.switch_dp == "1" and plan.source == "mapping"
+            assert plan.switch_dp == "1"
+            assert plan.source == "mapping"
             assert not plan.has_counter  # add_ele is an increment, not a total
     oven = scaling.plan_for(by_name(wizard, "Main Oven"))
-    assert oven.phase_dps == ("6", "7", "8") and oven.switch_dp == "16"
+    assert oven.phase_dps == ("6", "7", "8")
+    assert oven.switch_dp == "16"
     assert oven.channels == {"energy_kwh": scaling.Channel("1", scale=2)}
     assert "profile" in oven.source
     timer = scaling.plan_for(by_name(wizard, "Diivoo smart dual water timer"))
@@ -172,12 +177,17 @@ def test_scaling_precedence_override_then_mapping_then_profile_then_defaults(wiz
     )
     plan = scaling.plan_for(mapped_meter)
     assert plan.channels == {"energy_kwh": scaling.Channel("1", 3)}
-    assert plan.phase_dps == ("6",) and plan.source == "mapping" and plan.kind == scaling.METER
+    assert plan.phase_dps == ("6",)
+    assert plan.source == "mapping"
+    assert plan.kind == scaling.METER
     # No mapping, no profile: a socket is read with the usual DPs once seen.
     bare = scaling.plan_for(entry())
-    assert bare.kind == scaling.SWITCH and bare.probe_layouts and bare.switch_dp == "1"
+    assert bare.kind == scaling.SWITCH
+    assert bare.probe_layouts
+    assert bare.switch_dp == "1"
     resolved = scaling.resolve_layout(bare, plug_dps(40.0, legacy=True))
-    assert resolved is not None and resolved.channels["power_watts"] == scaling.Channel("5", 1)
+    assert resolved is not None
+    assert resolved.channels["power_watts"] == scaling.Channel("5", 1)
     assert scaling.resolve_layout(bare, {"1": True}) is None
 
 
@@ -194,7 +204,7 @@ def test_usual_dps_are_not_taken_when_the_mapping_gives_them_another_meaning():
 
 
 @pytest.mark.parametrize(
-    "code, values, raw, expected",
+    ("code", "values", "raw", "expected"),
     [
         ("cur_power", {"unit": "W", "scale": 1}, 405, 40.5),
         ("cur_power", {"unit": "W", "scale": 0}, 40, 40.0),
@@ -215,7 +225,7 @@ def test_mapping_scale_and_unit(code, values, raw, expected):
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    ("spec", "message"),
     [
         ("19", "must be a dict"),
         ({"watts": {"dp": 19}}, "unknown metric"),
@@ -257,8 +267,10 @@ def test_meter_values_one_and_three_phases(wizard):
     phases = [(230.0, 10.0, 2300.0), (231.0, 2.0, 462.0), (229.0, 0.5, 100.0)]
     values, _ = scaling.extract_values(plan, din_meter_dps(phases, 10.0, on=False))
     combined = scaling.combine_phases(values)
-    assert combined["l2_power_watts"] == 462.0 and combined["l3_current_amps"] == 0.5
-    assert combined["power_watts"] == 2862.0 and combined["current_amps"] == 12.5
+    assert combined["l2_power_watts"] == 462.0
+    assert combined["l3_current_amps"] == 0.5
+    assert combined["power_watts"] == 2862.0
+    assert combined["current_amps"] == 12.5
     assert combined["voltage_volts"] == pytest.approx(230.0)
     assert combined["is_on"] == 0.0
 
@@ -281,7 +293,8 @@ def test_unreadable_dps_are_reported_not_sent(wizard):
     dps = {"1": "on", "18": None, "19": "lots", "20": 2401, "17": 3}
     values, problems = scaling.extract_values(plan, dps)
     assert values == {"voltage_volts": 240.1}
-    assert len(problems) == 3 and all(p.startswith("DP ") for p in problems)
+    assert len(problems) == 3
+    assert all(p.startswith("DP ") for p in problems)
 
 
 def test_values_outside_physical_sense_are_dropped():
@@ -293,7 +306,8 @@ def test_values_outside_physical_sense_are_dropped():
     kept, dropped = scaling.check_ranges(
         {"l2_voltage_volts": 500.0, "energy_kwh": -1.0}, ranges["meter"]
     )
-    assert kept == {} and len(dropped) == 2
+    assert kept == {}
+    assert len(dropped) == 2
 
 
 def test_power_above_voltage_times_current_is_the_classic_scaling_mistake():
@@ -309,7 +323,7 @@ def test_power_above_voltage_times_current_is_the_classic_scaling_mistake():
 
 
 @pytest.mark.parametrize(
-    "raw, message",
+    ("raw", "message"),
     [
         ({"plug": {"power_watts": [10, 1]}}, "min, max"),
         ({"plug": {"watts": [0, 1]}}, "power_watts"),
@@ -383,7 +397,8 @@ def test_secret_filter_scrubs_messages_arguments_and_tracebacks():
     keys.add([KEY, "short"])
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s and %r", (KEY, KEY), None)
     keys.filter(record)
-    assert KEY not in record.getMessage() and "<key>" in record.getMessage()
+    assert KEY not in record.getMessage()
+    assert "<key>" in record.getMessage()
     try:
         raise ValueError(f"bad {KEY}")
     except ValueError:
@@ -455,7 +470,8 @@ def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
     dps = connection.read()
     assert dps == device.dps
     assert device.counts["connect"] == 1
-    assert connection.answered and connection.failures == 0
+    assert connection.answered
+    assert connection.failures == 0
 
 
 @pytest.mark.parametrize("version", ["3.3", "3.4", "3.5"])
@@ -465,8 +481,10 @@ def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect)
     with pytest.raises(link.TuyaError, match="wrong local key") as info:
         connect(device, key=OTHER_KEY).read()
     message = str(info.value)
-    assert "wrong local key" in message and version in message
-    assert KEY not in message and OTHER_KEY not in message
+    assert "wrong local key" in message
+    assert version in message
+    assert KEY not in message
+    assert OTHER_KEY not in message
     assert not isinstance(info.value, link.NoAnswer)
 
 
@@ -499,7 +517,8 @@ def test_busy_device_is_left_alone_for_the_backoff(version, hosts, serve, connec
     device.mode = "normal"
     with pytest.raises(link.DeviceBusy, match="left alone"):
         connection.read()
-    assert device.counts["reject"] == attempts and "connect" not in device.counts
+    assert device.counts["reject"] == attempts
+    assert "connect" not in device.counts
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -539,7 +558,8 @@ def test_plug_without_mapping_is_read_with_the_usual_dps(hosts, serve, connect):
     dps = connection.read()
     assert connection.plan.kind == scaling.PLUG
     values, _ = scaling.extract_values(connection.plan, dps)
-    assert values["power_watts"] == 40.0 and values["current_amps"] == 0.167
+    assert values["power_watts"] == 40.0
+    assert values["current_amps"] == 0.167
 
 
 def test_a_second_poll_while_one_hangs_fails_at_once(hosts, serve, connect):
@@ -606,7 +626,7 @@ def test_a_device_that_never_answers_updatedps_is_not_asked_again():
 
 
 @pytest.mark.parametrize(
-    "fields, said",
+    ("fields", "said"),
     [
         ({"mapping": {"19": {"code": ["cur_power"]}}}, "mapping DP 19: code is a list"),
         ({"mapping": {"19": {"code": {"x": 1}}}}, "mapping DP 19: code is an object"),
@@ -628,7 +648,9 @@ def test_a_wrong_type_anywhere_leaves_out_only_that_entry(fields, said):
     bad = {"id": "a2", "name": "Bad", "key": KEY, "category": "cz", **fields}
     entries, problems = devicefile.parse_devices([bad, good])
     assert [entry.id for entry in entries] == ["a1"]
-    assert len(problems) == 1 and said in problems[0] and "left out" in problems[0]
+    assert len(problems) == 1
+    assert said in problems[0]
+    assert "left out" in problems[0]
     assert not any(KEY in problem or "1234567890123456" in problem for problem in problems)
     # The good entry is planned as usual (the bad one would have raised here).
     assert scaling.plan_for(entries[0]).measures_power
