@@ -27,7 +27,7 @@ from typing import Any
 
 from state import read_json
 
-log = logging.getLogger("esp32")
+log = logging.getLogger("electricity.esp32")
 
 # One pulse is 1/imp_per_kwh kWh = 3.6e6/imp_per_kwh J: P[W] = 3.6e9 / (imp x ms).
 JOULE_MS_PER_KWH = 3.6e9

@@ -12,13 +12,10 @@ space. Sending is carbon_client.py's, the on-disk spool spool.py's.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import re
 import unicodedata
 from typing import Union
-
-log = logging.getLogger("graphite")
 
 DEFAULT_CARBON = ("127.0.0.1", 2003)
 # Carbon drops the connection (and the rest of the stream) on a line over

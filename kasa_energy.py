@@ -38,7 +38,7 @@ from typing import Any
 
 from state import atomic_write_json, read_json
 
-log = logging.getLogger("kasa")
+log = logging.getLogger("electricity.kasa")  # not "kasa": python-kasa's own
 
 #: How often unchanged-base state is written (seconds): SD cards wear.
 SAVE_INTERVAL_S = 600.0

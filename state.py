@@ -18,7 +18,7 @@ from typing import IO, Any
 from graphite_helper import format_device_name
 from settings import ConfigError, check_device_names, one_line, usable_name
 
-log = logging.getLogger("state")
+log = logging.getLogger("electricity.state")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

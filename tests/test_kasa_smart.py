@@ -293,13 +293,13 @@ def test_static_host_down_delays_nobody_counts_failed_said_once(
         )
         runtime = Runtime("kasa", settings)
         sent_at: list[tuple[float, list[str]]] = []
-        original = runtime.sink.send_lines
+        original = runtime.sink.submit  # hands lines to the spool and the sender
 
         def recording_send(lines):
             sent_at.append((time.monotonic(), list(lines)))
             return original(lines)
 
-        runtime.sink.send_lines = recording_send
+        runtime.sink.submit = recording_send
 
         async def scenario() -> list[tuple[int, int, bool]]:
             kasa = kasa_to_graphite.KasaCollector(runtime, args=None)
@@ -311,7 +311,7 @@ def test_static_host_down_delays_nobody_counts_failed_said_once(
             await kasa.close()
             return results
 
-        caplog.set_level(logging.INFO, logger="kasa")
+        caplog.set_level(logging.INFO, logger="electricity.kasa")
         started = time.monotonic()
         results = asyncio.run(scenario())
         runtime.close()
@@ -421,7 +421,7 @@ def test_refusal_said_once_not_retried_every_cycle_but_at_rediscovery(
             await kasa.close()
             return results
 
-        caplog.set_level(logging.INFO, logger="kasa")
+        caplog.set_level(logging.INFO, logger="electricity.kasa")
         results = asyncio.run(scenario())
         runtime.close()
     assert results == [(0, 1)] * 6 + [(1, 0)] * 3
@@ -457,7 +457,7 @@ def test_refused_in_mid_life_is_said_plainly_and_not_retried_each_cycle(
             await kasa.close()
             return results, plug.handshake1_count - attempts
 
-        caplog.set_level(logging.INFO, logger="kasa")
+        caplog.set_level(logging.INFO, logger="electricity.kasa")
         results, attempts = asyncio.run(scenario())
         runtime.close()
     assert results == [(1, 0)] + [(0, 1)] * 4
