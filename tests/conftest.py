@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
@@ -55,6 +57,36 @@ def _isolated_from_the_users_setup(tmp_path_factory: pytest.TempPathFactory) -> 
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# --- The fast subset starts nothing -------------------------------------------------
+
+
+class StartedSomething(AssertionError):
+    """A test not marked slow started a server or a process."""
+
+
+def _refuse(what: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise StartedSomething(
+            f"this test {what}: mark it @pytest.mark.slow (the fast subset, "
+            "-m 'not slow', starts no server and no process)"
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_nothing(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tests not marked ``slow`` may not listen on a socket (a server, a
+    simulated device) nor start a process: that is what makes the fast subset
+    fast and safe to run anywhere. Slow tests are left alone."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    monkeypatch.setattr(socket.socket, "listen", _refuse("listens on a socket"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("starts a process"))
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,9 @@ from simulators.sdm import (
 )
 from tests.helpers import carbon_arg, run_collector, start_collector
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 PREFIX = "home.electricity.circuit"
 HEALTH = "home.electricity.health.circuit"
 

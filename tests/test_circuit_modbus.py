@@ -101,6 +101,7 @@ def gateway():
         yield simulator
 
 
+@pytest.mark.slow
 def test_one_cycle_sends_every_figure_with_one_request_per_meter(gateway, tmp_path) -> None:
     harness = Harness(
         tmp_path,
@@ -139,6 +140,7 @@ def test_one_cycle_sends_every_figure_with_one_request_per_meter(gateway, tmp_pa
     assert values["home.electricity.health.circuit.devices_ok"] == 2
 
 
+@pytest.mark.slow
 def test_a_refusing_and_a_silent_meter_are_skipped_and_counted(gateway, tmp_path) -> None:
     harness = Harness(
         tmp_path,
@@ -163,6 +165,7 @@ def test_a_refusing_and_a_silent_meter_are_skipped_and_counted(gateway, tmp_path
     assert harness.values(TIMESTAMP + 50)["home.electricity.health.circuit.meter_timeouts"] == 6
 
 
+@pytest.mark.slow
 def test_a_meter_with_the_wrong_profile_is_refused_not_misread(gateway, tmp_path) -> None:
     # An SDM120 has no register 0x34 (total power): it refuses the SDM630 read.
     # Its block read alone would succeed, with zeros for phases 2 and 3.
@@ -172,6 +175,7 @@ def test_a_meter_with_the_wrong_profile_is_refused_not_misread(gateway, tmp_path
     assert not any(".oven." in path for path in harness.output.getvalue().splitlines())
 
 
+@pytest.mark.slow
 def test_impossible_values_are_dropped_and_counted(gateway, tmp_path) -> None:
     gateway.meters[1].set(voltage_v=float("nan"), frequency_hz=0.0, power_w=-1480.0)
     gateway.meters[2].set_phase(2, power_w=90000.0)  # beyond an SDM630's 100 A
@@ -195,6 +199,7 @@ def test_impossible_values_are_dropped_and_counted(gateway, tmp_path) -> None:
     assert all("nan" not in line for line in harness.output.getvalue().splitlines())
 
 
+@pytest.mark.slow
 def test_a_silent_meter_on_one_gateway_delays_no_other_gateway(tmp_path) -> None:
     slow_timeout_s = 2.0
     slow_meters = {1: SimulatedSDM120(silent=True), 2: example_sdm120()}
@@ -296,6 +301,7 @@ def test_a_missing_serial_port_is_a_failed_meter_not_a_crash(tmp_path, caplog) -
     assert "cannot open" in circuit_modbus.serial_port_problem(str(not_a_tty))
 
 
+@pytest.mark.slow
 def test_the_configured_name_wins_after_a_rename(gateway, tmp_path) -> None:
     # Not a dry run: the name map is on disk, as in service.
     settings_env = {"ELECTRICITY_STATE_DIR": str(tmp_path / "state")}

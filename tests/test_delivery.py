@@ -182,6 +182,7 @@ def spooled_lines(state: Path) -> list[str]:
 # --- 1. Polling never waits for Carbon -------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["blackhole", "connect hangs"])
 def test_a_silent_carbon_costs_no_boundary(fault, tmp_path, stand_in):
     with contextlib.ExitStack() as stack:
@@ -226,6 +227,7 @@ def test_a_pending_device_holds_no_boundary(tmp_path, caplog):
 # --- 8. A chattering Carbon: the deadline holds while bytes arrive --------------
 
 
+@pytest.mark.slow
 def test_a_chattering_carbon_cannot_hold_a_send(tmp_path, stand_in):
     chatter = stand_in("chatter")
     client = CarbonClient([chatter.address], timeout_s=1, spool=Spool(tmp_path))
@@ -243,6 +245,7 @@ def test_a_chattering_carbon_cannot_hold_a_send(tmp_path, stand_in):
 # --- 2. A slow Carbon: paced replay that always progresses ------------------------
 
 
+@pytest.mark.slow
 def test_a_slow_carbon_drains_the_spool_without_resending_confirmed_lines(tmp_path, stand_in):
     """~60 KB/s and a 1 s timeout: a 5,000-line batch (~150 KB) can never be
     confirmed whole; small confirmed batches get through, each line once
@@ -265,6 +268,7 @@ def test_a_slow_carbon_drains_the_spool_without_resending_confirmed_lines(tmp_pa
 # --- 2. A big backlog does not hold up live lines -----------------------------------
 
 
+@pytest.mark.slow
 def test_live_lines_go_out_before_a_big_backlog(tmp_path, stand_in):
     backlog = Spool(tmp_path / "state" / "fake" / "spool")
     backlog.append(lines(200_000))
@@ -370,6 +374,7 @@ def kasa_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["hold", "forget"])
 def test_sigkill_loses_nothing_carbon_took(fault, carbon_server, tmp_path, stand_in):
     """``hold``: Carbon reads the batch and never confirms; the collector is
@@ -419,6 +424,7 @@ def test_sigkill_loses_nothing_carbon_took(fault, carbon_server, tmp_path, stand
 # --- 4. Push sources acknowledge only what is on disk ----------------------------
 
 
+@pytest.mark.slow
 def test_esp32_readings_answered_200_survive_a_sigkill(carbon_server, tmp_path, stand_in):
     """The receiver answers 200 (the device then forgets the reading) and is
     SIGKILLed before its flush: every acknowledged reading still lands."""
@@ -462,6 +468,7 @@ def test_esp32_readings_answered_200_survive_a_sigkill(carbon_server, tmp_path, 
     )
 
 
+@pytest.mark.slow
 def test_mqtt_messages_acknowledged_survive_a_sigkill(
     carbon_server, mosquitto_broker, tmp_path, stand_in
 ):
@@ -504,6 +511,7 @@ def test_mqtt_messages_acknowledged_survive_a_sigkill(
     assert sorted(p for p in points if p[0] in dict(sent)) == sorted(sent)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_collector_promptly_while_carbon_chatters(tmp_path, stand_in):
     """A send under way to a Carbon that keeps talking is cut at SIGTERM: its
     lines stay in the spool, the collector exits 0 at once."""
@@ -550,6 +558,7 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
     assert not list(tmp_path.glob("*.spool"))  # segments out of the window are deleted
 
 
+@pytest.mark.slow
 def test_a_cycles_appends_share_one_fsync(tmp_path, stand_in, monkeypatch):
     """With a sender, appends never fsync themselves: the sender syncs what a
     cycle appended once, at most once per interval (SD-card wear)."""

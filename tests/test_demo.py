@@ -43,6 +43,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     return result, output
 
 
+@pytest.mark.slow
 def test_demo_fills_carbon_from_every_source(demo_run) -> None:
     result, _ = demo_run
     assert result.returncode == 0, result.stderr
@@ -75,6 +76,7 @@ def test_demo_fills_carbon_from_every_source(demo_run) -> None:
     assert "read back through graphite-web" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_leaves_a_chart_logs_and_its_settings(demo_run) -> None:
     _, output = demo_run
     assert (output / "demo.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

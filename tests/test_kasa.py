@@ -21,6 +21,9 @@ from simulators.kasa import (
 )
 from tests.helpers import carbon_arg, run_collector, start_collector, stop_collector
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 PREFIX = "home.electricity.kasa"
 
 

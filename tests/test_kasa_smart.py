@@ -29,6 +29,9 @@ from simulators.kasa_smart import (
 )
 from tests.helpers import carbon_arg, run_collector
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 PREFIX = "home.electricity.kasa"
 USERNAME = "owner@example.com"
 PASSWORD = "s3cret-Pa55word"

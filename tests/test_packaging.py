@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def test_every_fixture_folder_says_where_its_data_comes_from() -> None:
         assert f"`{folder}/" in readme, f"tests/fixtures/README.md says nothing of {folder}/"
 
 
+@pytest.mark.slow
 def test_no_tracked_file_points_outside_the_repository() -> None:
     tracked = subprocess.run(
         ["git", "ls-files", "*.py", "*.sh", "*.in", "electricity", ".ci/*"],
@@ -69,6 +72,7 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_comments_point_at_design_notes_inside_the_repository() -> None:
     assert (ROOT / "docs" / "design.md").is_file()
     found = subprocess.run(
@@ -80,6 +84,7 @@ def test_comments_point_at_design_notes_inside_the_repository() -> None:
     assert found == ""
 
 
+@pytest.mark.slow
 def test_every_test_data_file_is_in_the_repository() -> None:
     """A file ignored by git (devices.json is, for users' own) would pass here
     and be missing from every clone."""
@@ -100,6 +105,7 @@ def test_every_test_data_file_is_in_the_repository() -> None:
     assert present - tracked == set()
 
 
+@pytest.mark.slow
 def test_tests_share_helpers_through_the_helpers_module_not_conftest() -> None:
     """conftest.py is pytest's (fixtures); importing it as a module runs it twice."""
     found = subprocess.run(

@@ -19,6 +19,9 @@ from harness.carbon import CarbonServer, free_port
 from harness.relay import CarbonRelay
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 HEALTH = "home.electricity.health."
 

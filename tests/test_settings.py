@@ -302,6 +302,7 @@ def assert_config_exit(result, source: str, named: str) -> None:
     assert not result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("source", "config", "extra", "named"),
     [
@@ -334,6 +335,7 @@ def test_bad_settings_stop_a_collector_with_one_line(tmp_path, source, config, e
     assert not (tmp_path / "state").exists()  # stopped before writing anything
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flag", "named"), [("--state-dir", "STATE_DIR"), ("--carbon", "CARBON_DESTINATIONS")]
 )
@@ -357,6 +359,7 @@ def _read_only(directory: Path, command: list[str]) -> list[str]:
     return ["unshare", "-m", "sh", "-c", mount, str(directory), *command]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", sorted(COLLECTORS))
 @pytest.mark.parametrize("problem", ["a file", "read-only"])
 def test_unusable_state_dir_is_exit_2(tmp_path, source, problem):

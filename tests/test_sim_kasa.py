@@ -132,6 +132,7 @@ def test_loopback_hosts_are_unique_and_skip_the_discovery_address() -> None:
 # -- polling with python-kasa ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", [f for f in ENERGY_FIXTURES if not f.startswith("HS300")])
 def test_energy_readings_match_the_dump(fixture: str, start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice(fixture, host="127.0.0.2", alias="Plug under test")
@@ -164,6 +165,7 @@ def test_energy_readings_match_the_dump(fixture: str, start_simulator: Callable)
     asyncio.run(poll())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["HS100", "HS103"])
 def test_plug_without_meter_has_no_energy_module(fixture: str, start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice(fixture, host="127.0.0.3", relay_on=True)
@@ -182,6 +184,7 @@ def test_plug_without_meter_has_no_energy_module(fixture: str, start_simulator: 
     asyncio.run(poll())
 
 
+@pytest.mark.slow
 def test_strip_children_have_their_own_alias_and_readings(start_simulator: Callable) -> None:
     strip = SimulatedKasaDevice(
         "HS300", host="127.0.0.4", alias="Desk strip", child_aliases=HOSTILE_ALIASES
@@ -224,6 +227,7 @@ def test_strip_children_have_their_own_alias_and_readings(start_simulator: Calla
     asyncio.run(poll())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["KP115", "HS110(EU)_1.0"])
 def test_set_realtime_is_seen_on_next_update(fixture: str, start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice(fixture, host="127.0.0.5")
@@ -257,6 +261,7 @@ def test_set_realtime_is_seen_on_next_update(fixture: str, start_simulator: Call
     asyncio.run(poll())
 
 
+@pytest.mark.slow
 def test_daily_and_monthly_stats(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("KP125", host="127.0.0.6")
     start_simulator([sim_dev])
@@ -280,6 +285,7 @@ def test_daily_and_monthly_stats(start_simulator: Callable) -> None:
     asyncio.run(poll())
 
 
+@pytest.mark.slow
 def test_unknown_modules_and_commands_get_device_errors(start_simulator: Callable) -> None:
     plug = SimulatedKasaDevice("HS100", host="127.0.0.7")
     start_simulator([plug])
@@ -299,6 +305,7 @@ def test_unknown_modules_and_commands_get_device_errors(start_simulator: Callabl
     assert answer["time"]["get_time"]["err_code"] == 0
 
 
+@pytest.mark.slow
 def test_strip_context_queries(start_simulator: Callable) -> None:
     strip = SimulatedKasaDevice("HS300", host="127.0.0.8")
     start_simulator([strip])
@@ -312,6 +319,7 @@ def test_strip_context_queries(start_simulator: Callable) -> None:
     assert unknown["emeter"]["err_code"] != 0
 
 
+@pytest.mark.slow
 def test_overrides_let_several_copies_run_at_once(start_simulator: Callable) -> None:
     plugs = [
         SimulatedKasaDevice("KP115", host="127.0.0.9", mac="AA:BB:CC:00:00:01", device_id="D1"),
@@ -329,6 +337,7 @@ def test_overrides_let_several_copies_run_at_once(start_simulator: Callable) -> 
 # -- discovery -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_discovery_finds_every_device_at_its_own_address(start_simulator: Callable) -> None:
     fixtures = ["KP115", "HS110(EU)_4.0", "HS300", "HS100", "KL130"]
     devices = [SimulatedKasaDevice(f, host=loopback_host(i)) for i, f in enumerate(fixtures)]
@@ -357,6 +366,7 @@ def test_discovery_finds_every_device_at_its_own_address(start_simulator: Callab
     asyncio.run(discover())
 
 
+@pytest.mark.slow
 def test_probe_sent_to_one_device_gets_one_answer(start_simulator: Callable) -> None:
     devices = [SimulatedKasaDevice("KP125", host=loopback_host(i)) for i in range(3)]
     sim = start_simulator(devices)
@@ -372,6 +382,7 @@ def test_probe_sent_to_one_device_gets_one_answer(start_simulator: Callable) -> 
 # -- failure modes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hang_times_out(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("KP115", host="127.0.0.12", mode="hang")
     start_simulator([sim_dev])
@@ -380,6 +391,7 @@ def test_hang_times_out(start_simulator: Callable) -> None:
     assert caused_by(raised.value, asyncio.TimeoutError)
 
 
+@pytest.mark.slow
 def test_garbage_is_a_python_kasa_error(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("HS110(EU)_1.0", host="127.0.0.13", mode="garbage")
     start_simulator([sim_dev])
@@ -388,6 +400,7 @@ def test_garbage_is_a_python_kasa_error(start_simulator: Callable) -> None:
     assert caused_by(raised.value, ValueError)  # the JSON decoder failed
 
 
+@pytest.mark.slow
 def test_refuse_then_recover(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("KP115", host="127.0.0.14", mode="refuse")
     start_simulator([sim_dev])
@@ -405,6 +418,7 @@ def test_refuse_then_recover(start_simulator: Callable) -> None:
     assert asyncio.run(poll()) == pytest.approx(63.499)
 
 
+@pytest.mark.slow
 def test_delay_still_answers(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("KP125", host="127.0.0.15", delay_s=0.2)
     start_simulator([sim_dev])
@@ -417,6 +431,7 @@ def test_delay_still_answers(start_simulator: Callable) -> None:
     assert asyncio.run(poll()) == pytest.approx(100.277)
 
 
+@pytest.mark.slow
 def test_mode_change_drops_a_live_connection(start_simulator: Callable) -> None:
     sim_dev = SimulatedKasaDevice("KP115", host="127.0.0.16")
     start_simulator([sim_dev])
@@ -439,6 +454,7 @@ def test_mode_change_drops_a_live_connection(start_simulator: Callable) -> None:
 # -- lifecycle and scale ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restart_many_times_on_the_same_port() -> None:
     sim_dev = SimulatedKasaDevice("KP115", host="127.0.0.17")
     sim = KasaSimulator([sim_dev])
@@ -453,6 +469,7 @@ def test_restart_many_times_on_the_same_port() -> None:
         sim.stop()
 
 
+@pytest.mark.slow
 def test_add_and_remove_while_running(start_simulator: Callable) -> None:
     sim = start_simulator([SimulatedKasaDevice("KP115", host="127.0.0.18")])
     late = sim.add(SimulatedKasaDevice("HS100", host="127.0.0.19"))
@@ -465,6 +482,7 @@ def test_add_and_remove_while_running(start_simulator: Callable) -> None:
         sim.add(SimulatedKasaDevice("KP115", host="127.0.0.1"))
 
 
+@pytest.mark.slow
 def test_address_clash_is_reported(start_simulator: Callable) -> None:
     sim = start_simulator([SimulatedKasaDevice("KP115", host="127.0.0.20")])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
@@ -474,6 +492,7 @@ def test_address_clash_is_reported(start_simulator: Callable) -> None:
     assert [d.host for d in sim.devices] == ["127.0.0.20"]
 
 
+@pytest.mark.slow
 def test_five_hundred_devices(start_simulator: Callable) -> None:
     devices = make_devices(ENERGY_FIXTURES, 500)
     sim = start_simulator(devices)

@@ -64,6 +64,7 @@ def call(connection, session: KlapSession, cookie: str, seq: int, request: dict)
     return json.loads(plain)
 
 
+@pytest.mark.slow
 def test_klap_v2_session_and_smart_methods(subnet):
     plug = SimulatedSmartDevice(
         SMART_FIXTURES[1], host=f"{subnet}.2", username=USERNAME, password=PASSWORD
@@ -100,6 +101,7 @@ def test_klap_v2_session_and_smart_methods(subnet):
     assert plug.request_count == 2
 
 
+@pytest.mark.slow
 def test_wrong_credentials_cannot_finish_a_handshake(subnet):
     plug = SimulatedSmartDevice(
         SMART_FIXTURES[0], host=f"{subnet}.2", username=USERNAME, password=PASSWORD
@@ -128,6 +130,7 @@ def probe() -> bytes:
     return bytes(query)
 
 
+@pytest.mark.slow
 def test_discovery_answers_from_port_20002_of_each_device(subnet):
     devices = [
         SimulatedSmartDevice(SMART_FIXTURES[i % 2], host=f"{subnet}.{i + 2}") for i in range(3)

@@ -140,6 +140,7 @@ def test_simulator_refuses_non_loopback_hosts() -> None:
 # -- reading over Modbus TCP -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sdm120_values_read_back(client: ModbusTcpClient, sdm120: SimulatedSDM120) -> None:
     expected = {
         0x00: 231.5,
@@ -159,6 +160,7 @@ def test_sdm120_values_read_back(client: ModbusTcpClient, sdm120: SimulatedSDM12
     )
 
 
+@pytest.mark.slow
 def test_sdm630_per_phase_values_read_back(client: ModbusTcpClient) -> None:
     phases = {
         # address: (L1, L2, L3)
@@ -177,18 +179,21 @@ def test_sdm630_per_phase_values_read_back(client: ModbusTcpClient) -> None:
     assert read_float(client, SDM630_UNIT, 0x4A) == pytest.approx(12.5)
 
 
+@pytest.mark.slow
 def test_values_are_live(client: ModbusTcpClient, sdm120: SimulatedSDM120) -> None:
     sdm120.set(power_w=2500.0, import_kwh=1240.0)
     assert read_float(client, SDM120_UNIT, 0x0C) == 2500.0
     assert read_float(client, SDM120_UNIT, 0x48) == 1240.0
 
 
+@pytest.mark.slow
 def test_nan_goes_out_as_is(client: ModbusTcpClient, sdm120: SimulatedSDM120) -> None:
     # A collector must cope with a meter reporting NaN; the simulator passes it on.
     sdm120.set(power_w=float("nan"))
     assert math.isnan(read_float(client, SDM120_UNIT, 0x0C))
 
 
+@pytest.mark.slow
 def test_meters_can_be_added_and_removed_live(
     client: ModbusTcpClient, gateway: ModbusMeterSimulator
 ) -> None:
@@ -198,6 +203,7 @@ def test_meters_can_be_added_and_removed_live(
     assert exception_code(client, UNKNOWN_UNIT, 0x00) == 0x0B
 
 
+@pytest.mark.slow
 def test_one_block_read_covers_the_instantaneous_values(client: ModbusTcpClient) -> None:
     response = client.read_input_registers(0x00, count=0x4C, slave=SDM120_UNIT)
     assert not response.isError(), response
@@ -209,6 +215,7 @@ def test_one_block_read_covers_the_instantaneous_values(client: ModbusTcpClient)
     assert registers[0x02:0x06] == [0, 0, 0, 0]  # between parameters
 
 
+@pytest.mark.slow
 def test_block_reads_are_limited_to_40_parameters(client: ModbusTcpClient) -> None:
     response = client.read_input_registers(0x00, count=MAX_REGISTERS_PER_REQUEST, slave=SDM630_UNIT)
     assert not response.isError(), response
@@ -217,6 +224,7 @@ def test_block_reads_are_limited_to_40_parameters(client: ModbusTcpClient) -> No
     assert exception_code(client, SDM630_UNIT, 0x00, count=too_many) == 0x03
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("unit", "address", "count"),
     [
@@ -234,12 +242,14 @@ def test_unmapped_registers_give_illegal_data_address(
     assert exception_code(client, unit, address, count) == 0x02
 
 
+@pytest.mark.slow
 def test_holding_registers_are_not_simulated(client: ModbusTcpClient) -> None:
     response = client.read_holding_registers(0x00, count=2, slave=SDM120_UNIT)
     assert response.isError()
     assert response.exception_code == 0x02
 
 
+@pytest.mark.slow
 def test_fault_unit_answers_every_request_with_an_exception(
     client: ModbusTcpClient, gateway: ModbusMeterSimulator
 ) -> None:
@@ -249,10 +259,12 @@ def test_fault_unit_answers_every_request_with_an_exception(
     assert read_float(client, FAULT_UNIT, 0x00) == 230.0
 
 
+@pytest.mark.slow
 def test_unknown_unit_gets_gateway_target_failed(client: ModbusTcpClient) -> None:
     assert exception_code(client, UNKNOWN_UNIT, 0x00) == 0x0B
 
 
+@pytest.mark.slow
 def test_silent_unit_times_out_and_others_still_answer(
     client: ModbusTcpClient, gateway: ModbusMeterSimulator
 ) -> None:
@@ -264,6 +276,7 @@ def test_silent_unit_times_out_and_others_still_answer(
     assert read_float(client, SILENT_UNIT, 0x00) == 230.0
 
 
+@pytest.mark.slow
 def test_requests_are_counted_per_unit(
     client: ModbusTcpClient, gateway: ModbusMeterSimulator
 ) -> None:
@@ -288,6 +301,7 @@ def test_requests_are_counted_per_unit(
     assert gateway.request_counts() == {}
 
 
+@pytest.mark.slow
 def test_async_client_reads(gateway: ModbusMeterSimulator) -> None:
     host, port = gateway.address
 
@@ -307,6 +321,7 @@ def test_async_client_reads(gateway: ModbusMeterSimulator) -> None:
 # -- life cycle and scale ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_port_in_use_fails_start(gateway: ModbusMeterSimulator) -> None:
     host, port = gateway.address
     second = ModbusMeterSimulator(host=host, port=port, meters={1: SimulatedSDM120()})
@@ -315,6 +330,7 @@ def test_port_in_use_fails_start(gateway: ModbusMeterSimulator) -> None:
     second.stop()  # harmless after a failed start
 
 
+@pytest.mark.slow
 def test_stop_closes_the_port(sdm120: SimulatedSDM120) -> None:
     with ModbusMeterSimulator(meters={1: sdm120}) as simulator:
         address = simulator.address
@@ -322,6 +338,7 @@ def test_stop_closes_the_port(sdm120: SimulatedSDM120) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_twenty_meters_behind_one_gateway() -> None:
     meters = {unit: SimulatedSDM120(power_w=100.0 * unit) for unit in range(1, 21)}
     with ModbusMeterSimulator(meters=meters) as simulator:
@@ -335,6 +352,7 @@ def test_twenty_meters_behind_one_gateway() -> None:
         assert simulator.request_counts() == dict.fromkeys(meters, 1)
 
 
+@pytest.mark.slow
 def test_twenty_gateways_on_their_own_loopback_addresses() -> None:
     simulators = [
         ModbusMeterSimulator(host=f"127.0.0.{n}", meters={1: SimulatedSDM630(total_power_w=n)})

@@ -178,6 +178,7 @@ def test_constructor_refuses_what_a_device_cannot_be():
 # --- the protocol against tinytuya ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_status_returns_the_simulated_dps(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -188,6 +189,7 @@ def test_status_returns_the_simulated_dps(version, hosts, serve, connect):
     assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_turn_off_and_on(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -201,6 +203,7 @@ def test_turn_off_and_on(version, hosts, serve, connect):
     assert device.counts["CONTROL"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_updatedps_answers_with_fresh_values(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -211,6 +214,7 @@ def test_updatedps_answers_with_fresh_values(version, hosts, serve, connect):
     assert device.counts["UPDATEDPS"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_persistent_client_gets_status_reports(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -225,6 +229,7 @@ def test_persistent_client_gets_status_reports(version, hosts, serve, connect):
     assert device.counts["HEART_BEAT"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_wrong_key_is_a_tinytuya_error_and_the_device_survives(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -242,6 +247,7 @@ def test_wrong_key_is_a_tinytuya_error_and_the_device_survives(version, hosts, s
     assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_hang_mode_errors_within_the_timeout(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="hang")
@@ -255,6 +261,7 @@ def test_hang_mode_errors_within_the_timeout(version, hosts, serve, connect):
     assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_garbage_mode_is_an_error(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="garbage")
@@ -267,6 +274,7 @@ def test_garbage_mode_is_an_error(version, hosts, serve, connect):
     assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_second_client_is_refused_while_one_is_connected(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -286,6 +294,7 @@ def test_second_client_is_refused_while_one_is_connected(version, hosts, serve, 
     assert second.status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_busy_mode_refuses_every_client(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="busy")
@@ -298,6 +307,7 @@ def test_busy_mode_refuses_every_client(version, hosts, serve, connect):
     assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_stale_mode_hides_power_until_updatedps(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="stale")
@@ -310,6 +320,7 @@ def test_stale_mode_hides_power_until_updatedps(version, hosts, serve, connect):
     assert "19" not in connect(device).status()["dps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.3", "3.4"])
 def test_device22_is_detected_by_tinytuya(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, device22=True)
@@ -325,6 +336,7 @@ def test_device22_is_detected_by_tinytuya(version, hosts, serve, connect):
 # --- the real devices.json -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_addressed_wizard_entry_starts_and_answers(wizard_entries, serve, connect):
     addressed = [e for e in wizard_entries if e.get("ip") and e.get("version")]
     assert len(addressed) == 11
@@ -337,6 +349,7 @@ def test_every_addressed_wizard_entry_starts_and_answers(wizard_entries, serve, 
         assert client.status()["dps"] == device.dps, entry["name"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_unaddressed_meter_entry_served_on_a_given_host(
     version, wizard_entries, hosts, serve, connect
@@ -387,6 +400,7 @@ def test_announcements_never_leave_loopback(hosts):
         TuyaSimulator([device], announce_to=("255.255.255.255", 6667))
 
 
+@pytest.mark.slow
 def test_simulator_announces_idle_devices(hosts, serve, udp_listener):
     devices = [
         SimulatedTuyaDevice(f"sim{n:019d}", KEY, version, host=next(hosts), port=0)
@@ -404,6 +418,7 @@ def test_simulator_announces_idle_devices(hosts, serve, udp_listener):
 # --- the server ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fifty_devices_on_the_default_port(hosts, serve, connect):
     devices = [
         SimulatedTuyaDevice(
@@ -421,6 +436,7 @@ def test_fifty_devices_on_the_default_port(hosts, serve, connect):
         assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 def test_start_and_stop_many_times_on_the_same_address(hosts, connect):
     # The real default port on a fixed address: rebinding relies on SO_REUSEADDR.
     device = SimulatedTuyaDevice(DEV_ID, KEY, "3.4", host=next(hosts), dps=plug_dps(5.0))
@@ -434,6 +450,7 @@ def test_start_and_stop_many_times_on_the_same_address(hosts, connect):
         assert connect(device).status()["dps"] == device.dps
 
 
+@pytest.mark.slow
 def test_a_device_is_served_by_one_simulator_at_a_time(hosts, serve):
     device = make_plug(next(hosts), "3.3")
     serve(device)

@@ -98,6 +98,7 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_system_units_render_for_this_checkout(prefix: Path, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     result = render(prefix, state_dir, "kasa", "mqtt")
@@ -143,6 +144,7 @@ def test_system_units_render_for_this_checkout(prefix: Path, tmp_path: Path) -> 
     )
 
 
+@pytest.mark.slow
 def test_user_units_have_no_user_and_no_namespaces(prefix: Path, tmp_path: Path) -> None:
     result = render(prefix, tmp_path / "state", "--user", "esp32")
     units = user_units(prefix)
@@ -160,6 +162,7 @@ def test_user_units_have_no_user_and_no_namespaces(prefix: Path, tmp_path: Path)
     assert not system_units(prefix).exists()
 
 
+@pytest.mark.slow
 def test_install_twice_changes_nothing_and_uninstall_removes(prefix: Path, tmp_path: Path) -> None:
     render(prefix, tmp_path / "state", "all")
     units = system_units(prefix)
@@ -179,6 +182,7 @@ def test_install_twice_changes_nothing_and_uninstall_removes(prefix: Path, tmp_p
     assert install("--prefix", str(prefix), "--uninstall").returncode == 0  # twice is fine
 
 
+@pytest.mark.slow
 def test_install_refuses_what_it_cannot_do(prefix: Path, tmp_path: Path) -> None:
     nothing = install("--prefix", str(prefix))
     assert nothing.returncode == 2
@@ -200,6 +204,7 @@ def test_install_refuses_what_it_cannot_do(prefix: Path, tmp_path: Path) -> None
     assert not system_units(prefix).exists(), "nothing is rendered from bad settings"
 
 
+@pytest.mark.slow
 def test_state_dir_comes_from_the_settings(prefix: Path, tmp_path: Path) -> None:
     local = tmp_path / "config_local.py"
     local.write_text(f"STATE_DIR = {str(tmp_path / 'from_settings')!r}\n")
@@ -220,6 +225,7 @@ def systemd_analyze() -> str:
     pytest.skip("systemd-analyze not found: apt-get install systemd")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["system", "user"])
 def test_units_pass_systemd_analyze_verify(mode: str, prefix: Path, tmp_path: Path) -> None:
     analyze = systemd_analyze()
@@ -437,6 +443,7 @@ def test_watchdog_is_extended_for_long_intervals(
 # --- A real collector under a notify socket --------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_collector_pings_only_while_carbon_takes_its_lines(
     carbon_server, tmp_path: Path
 ) -> None:

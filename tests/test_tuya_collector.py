@@ -32,6 +32,9 @@ from simulators.tuya import (
 )
 from tests.helpers import carbon_arg, run_collector
 
+# Every test here starts a server, a simulated device or a process.
+pytestmark = pytest.mark.slow
+
 PREFIX = "home.electricity.tuya"
 # devices.json has no address and no version for these: the collector learns
 # both from the devices' announcements.

@@ -460,6 +460,7 @@ def make_plug(host: str, version: str, **kwargs) -> SimulatedTuyaDevice:
     return SimulatedTuyaDevice("bf11db5eb189bb21e7uscg", KEY, version, host=host, port=0, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -474,6 +475,7 @@ def test_reads_over_one_persistent_connection(version, hosts, serve, connect):
     assert connection.failures == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.3", "3.4", "3.5"])
 def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -488,6 +490,7 @@ def test_wrong_key_says_so_and_never_shows_a_key(version, hosts, serve, connect)
     assert not isinstance(info.value, link.NoAnswer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_hung_device_is_no_answer_within_the_timeout(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="hang")
@@ -498,6 +501,7 @@ def test_hung_device_is_no_answer_within_the_timeout(version, hosts, serve, conn
     assert time.monotonic() - started < NO_HANG_S
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_garbage_is_an_error_not_a_crash(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="garbage")
@@ -506,6 +510,7 @@ def test_garbage_is_an_error_not_a_crash(version, hosts, serve, connect):
         connect(device).read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_busy_device_is_left_alone_for_the_backoff(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="busy")
@@ -521,6 +526,7 @@ def test_busy_device_is_left_alone_for_the_backoff(version, hosts, serve, connec
     assert "connect" not in device.counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_stale_power_is_refreshed_with_updatedps(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, mode="stale", power_dps=["18", "19", "20"])
@@ -533,6 +539,7 @@ def test_stale_power_is_refreshed_with_updatedps(version, hosts, serve, connect)
     assert device.counts["UPDATEDPS"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.3", "3.4"])
 def test_device22_is_asked_for_its_dps_by_number(version, hosts, serve, connect):
     device = make_plug(next(hosts), version, device22=True)
@@ -541,6 +548,7 @@ def test_device22_is_asked_for_its_dps_by_number(version, hosts, serve, connect)
     assert connection.read() == {k: v for k, v in device.dps.items() if k != "17"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_unknown_version_is_detected(version, hosts, serve, connect):
     device = make_plug(next(hosts), version)
@@ -550,6 +558,7 @@ def test_unknown_version_is_detected(version, hosts, serve, connect):
     assert connection.version == version
 
 
+@pytest.mark.slow
 def test_plug_without_mapping_is_read_with_the_usual_dps(hosts, serve, connect):
     device = make_plug(next(hosts), "3.3", dps=plug_dps(40.0, legacy=True), mode="stale")
     serve(device)
@@ -562,6 +571,7 @@ def test_plug_without_mapping_is_read_with_the_usual_dps(hosts, serve, connect):
     assert values["current_amps"] == 0.167
 
 
+@pytest.mark.slow
 def test_a_second_poll_while_one_hangs_fails_at_once(hosts, serve, connect):
     device = make_plug(next(hosts), "3.3", mode="hang")
     serve(device)
@@ -588,6 +598,7 @@ def test_refuses_what_would_make_tinytuya_scan_or_read_files():
         link.TuyaConnection(entry(key=""), "127.0.0.1", 6668, "3.3", plan, timeout_s=1)
 
 
+@pytest.mark.slow
 def test_power_dps_a_device_never_reports_do_not_cost_a_refresh_each_read(
     wizard, fixtures_dir, hosts, serve, connect
 ):
