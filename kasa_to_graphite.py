@@ -65,7 +65,10 @@ def energy_values(
     return {
         name: float(value)
         for name, value in figures.items()
-        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
     }
 
 

@@ -60,26 +60,25 @@ def start_kasa(args, env):
     return start_collector("kasa_to_graphite.py", args, env)
 
 
-def test_every_metering_fixture_lands_in_si_units(carbon_server, env):
-    fixtures = [fixture for fixture in ENERGY_FIXTURES if "HS300" not in fixture]
-    devices = [
-        SimulatedKasaDevice(fixture, host=loopback_host(i), alias=f"plug {i}")
-        for i, fixture in enumerate(fixtures)
-    ]
-    with KasaSimulator(devices) as sim:
+METERING_PLUGS = [fixture for fixture in ENERGY_FIXTURES if "HS300" not in fixture]
+
+
+@pytest.mark.parametrize("fixture", METERING_PLUGS, ids=lambda name: name.removesuffix(".json"))
+def test_every_metering_dump_lands_in_si_units(fixture, carbon_server, env):
+    device = SimulatedKasaDevice(fixture, host=loopback_host(0), alias="plug")
+    with KasaSimulator([device]) as sim:
         result = run_kasa(
             ["--once", "--target", f"127.0.0.1:{sim.port}", "--carbon", carbon_arg(carbon_server)],
             env,
         )
         assert result.returncode == 0, result.stderr
-        for i, (fixture, device) in enumerate(zip(fixtures, devices)):
-            for metric, value in expected_si(fixture).items():
-                points = carbon_server.wait_for_points(f"{PREFIX}.plug_{i}.{metric}")
-                assert points[-1][1] == pytest.approx(value, rel=1e-6), (fixture, metric)
-            today = carbon_server.wait_for_points(f"{PREFIX}.plug_{i}.energy_today_kwh")
-            assert today[-1][1] == pytest.approx(device.energy_today_kwh(), abs=1e-3)
-            is_on = carbon_server.wait_for_points(f"{PREFIX}.plug_{i}.is_on")
-            assert is_on[-1][1] == (1.0 if device.is_on() else 0.0)
+        for metric, value in expected_si(fixture).items():
+            points = carbon_server.wait_for_points(f"{PREFIX}.plug.{metric}")
+            assert points[-1][1] == pytest.approx(value, rel=1e-6), metric
+        today = carbon_server.wait_for_points(f"{PREFIX}.plug.energy_today_kwh")
+        assert today[-1][1] == pytest.approx(device.energy_today_kwh(), abs=1e-3)
+        is_on = carbon_server.wait_for_points(f"{PREFIX}.plug.is_on")
+        assert is_on[-1][1] == (1.0 if device.is_on() else 0.0)
 
 
 def test_float_and_milli_shapes(carbon_server, env):
