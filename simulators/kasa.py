@@ -65,6 +65,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from simulators._loop_thread import LoopThreadSimulator
+
 _LOGGER = logging.getLogger(__name__)
 
 #: The project's own device dumps (tests/fixtures/README.md says where they come from).
@@ -873,7 +875,7 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
             self.transport.sendto(body, addr)
 
 
-class KasaSimulator:
+class KasaSimulator(LoopThreadSimulator):
     """Runs simulated Kasa devices in one asyncio loop on a background thread.
 
     ``port=None`` picks a free port for every device whose own port is None
@@ -894,8 +896,7 @@ class KasaSimulator:
         self.discovery_stagger_s = discovery_stagger_s
         self.port = port
         self.discovery_host = _check_loopback(discovery_host)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._servers: dict[int, asyncio.AbstractServer] = {}
         self._connections: dict[int, set[asyncio.StreamWriter]] = {}
         self._udp: dict[tuple[str, int], _UdpEndpoint] = {}
@@ -903,10 +904,6 @@ class KasaSimulator:
         self._background: set[asyncio.Future] = set()
         for device in devices:
             self.add(device)
-
-    @property
-    def running(self) -> bool:
-        return self._loop is not None
 
     @property
     def discovery_target(self) -> tuple[str, int]:
@@ -946,64 +943,10 @@ class KasaSimulator:
             device.port = None
         device._mode_listener = None
 
-    def start(self) -> KasaSimulator:
-        if self.running:
-            return self
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="kasa-simulator", daemon=True)
-        self._thread.start()
-        ready.wait()
-        self._loop = loop
-        chosen = self.port
-        try:
-            for _attempt in range(20):
-                self.port = chosen if chosen is not None else _free_port(self.discovery_host)
-                try:
-                    self._call(self._start_all())
-                    break
-                except OSError as error:
-                    self._call(self._close_all())
-                    if chosen is not None:
-                        raise
-                    last_error = error
-            else:
-                raise OSError(f"no free port for the simulated Kasa devices: {last_error}")
-        except BaseException:
-            self.stop()
-            self.port = chosen
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._close_all())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-
-    def __enter__(self) -> KasaSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    thread_name = "kasa-simulator"
+    what = "simulated Kasa devices"
 
     # -- running in the loop thread --------------------------------------
-
-    def _call(self, coro: Any) -> Any:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _on_mode_change(self, device: SimulatedKasaDevice) -> None:
         if not self.running or device not in self.devices:
@@ -1097,9 +1040,3 @@ class KasaSimulator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

@@ -75,7 +75,8 @@ from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padd
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from simulators.kasa import _check_loopback, _free_port, load_fixture, loopback_host
+from simulators._loop_thread import LoopThreadSimulator
+from simulators.kasa import _check_loopback, load_fixture, loopback_host
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -746,7 +747,7 @@ class _Discovery(asyncio.DatagramProtocol):
             self.transport.sendto(body, addr)
 
 
-class SmartKasaSimulator:
+class SmartKasaSimulator(LoopThreadSimulator):
     """Runs simulated smart devices in one asyncio loop on a background thread.
 
     ``port`` is the HTTP port of every device (``None``: a free one); UDP
@@ -766,8 +767,7 @@ class SmartKasaSimulator:
         self.port = port
         self.discovery_host = _check_loopback(discovery_host)
         self.discovery_stagger_s = discovery_stagger_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._servers: dict[int, asyncio.AbstractServer] = {}
         self._connections: set[asyncio.StreamWriter] = set()
         self._udp: dict[str, _Discovery] = {}
@@ -775,61 +775,8 @@ class SmartKasaSimulator:
             if device.host == discovery_host:
                 raise ValueError(f"{device.host} is the discovery address: use another host")
 
-    @property
-    def running(self) -> bool:
-        return self._loop is not None
-
-    def start(self) -> SmartKasaSimulator:
-        if self.running:
-            return self
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="kasa-smart-simulator", daemon=True)
-        self._thread.start()
-        ready.wait()
-        self._loop = loop
-        chosen = self.port
-        try:
-            for _attempt in range(20):
-                self.port = chosen if chosen is not None else _free_port(self.discovery_host)
-                try:
-                    self._call(self._start_all())
-                    break
-                except OSError:
-                    self._call(self._close_all())
-                    if chosen is not None:
-                        raise
-            else:
-                raise OSError("no free port for the simulated smart devices")
-        except BaseException:
-            self.stop()
-            self.port = chosen
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._close_all())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-
-    def __enter__(self) -> SmartKasaSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    thread_name = "kasa-smart-simulator"
+    what = "simulated smart devices"
 
     def set_mode(self, device: SimulatedSmartDevice, mode: str) -> None:
         """Change a device's failure mode (``refuse`` closes its HTTP port)."""
@@ -838,10 +785,6 @@ class SmartKasaSimulator:
         device.mode = mode
         if self.running:
             self._call(self._apply_mode(device))
-
-    def _call(self, coro: Any) -> Any:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _start_all(self) -> None:
         await self._udp_open(self.discovery_host)
