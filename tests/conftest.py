@@ -22,6 +22,7 @@ from harness.mosquitto import MosquittoBroker, MosquittoNotFoundError
 from harness.relay import CarbonRelayNotFoundError
 from simulators.tuya import SimulatedTuyaDevice, TuyaSimulator
 from tests.helpers import collector_environment
+from tuya_devicefile import DeviceEntry, load_devices_file
 
 _NOT_INSTALLED = (
     CarbonNotFoundError,
@@ -138,6 +139,14 @@ def mosquitto_broker(start_server: Callable[[S], S], tmp_path: Path) -> Mosquitt
 def fixtures_dir() -> Path:
     """The project's test data (device dumps, devices.json, Glow payloads, schema)."""
     return Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def wizard(fixtures_dir: Path) -> list[DeviceEntry]:
+    """The devices.json of a real home of 21 Tuya devices (tests/fixtures/tuya)."""
+    entries, problems = load_devices_file(fixtures_dir / "tuya" / "devices.json")
+    assert problems == []
+    return entries
 
 
 # --- A collector script run as users run it: its own process and environment --------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.carbon import CarbonServer
+from tuya_devicefile import DeviceEntry, parse_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,19 @@ def carbon_arg(carbon: CarbonServer) -> str:
     """``--carbon``'s HOST:PORT for a carbon_server."""
     host, port = carbon.line_address
     return f"{host}:{port}"
+
+
+# --- Tuya test data -----------------------------------------------------------------
+
+TUYA_KEY = "0123456789abcdef"  # a local key the simulated devices accept
+
+
+def by_name(entries: list[DeviceEntry], name: str) -> DeviceEntry:
+    """The devices.json entry named ``name``."""
+    return next(entry for entry in entries if entry.name == name)
+
+
+def tuya_entry(**fields: Any) -> DeviceEntry:
+    """A devices.json entry of a plug, ``fields`` changed."""
+    base = {"id": "bf0000000000000000test", "name": "Test", "key": TUYA_KEY, "category": "cz"}
+    return parse_entry({**base, **fields})
