@@ -32,18 +32,18 @@ from harness.carbon import CarbonNotFoundError
 from harness.graphite_web import GraphiteWeb, GraphiteWebNotFoundError, graphite_module_file
 from harness.mosquitto import MosquittoNotFoundError
 from settings import ConfigError, load_settings
-from tools import build_dashboard
-from tools.render_dashboard_png import (
+from simulators.home import (
     GLOW_ID,
     LAMP_SILENT_S,
     NESTED_DEVICES,
     SimulatedHome,
     device_loads,
-    device_table,
     filled_graphite,
     house_load,
     unmonitored_load,
 )
+from tools import build_dashboard
+from tools.render_dashboard_png import device_table
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
