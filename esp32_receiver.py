@@ -54,7 +54,7 @@ from esp32_accounting import (
     MeterReading,
 )
 from settings import ConfigError
-from state import atomic_write_json
+from state import save_json
 
 SOURCE = "esp32"
 READINGS_PATH = "/api/v1/readings"
@@ -623,11 +623,10 @@ class MeterReceiver:
             self.runtime.health.devices_failed = len(self.accounts.devices) - len(fresh)
             state = self.accounts.to_state() if self.accounts.changed else None
             lines = self.runtime.health_lines(timestamp)
-        if state is not None and self.state_path is not None:
-            try:
-                atomic_write_json(self.state_path, state)
-            except OSError as exc:
-                self.log.error("cannot save the energy state to %s: %s", self.state_path, exc)
+        saved = state is None or self.state_path is None
+        if not saved and not save_json(self.state_path, state, "the energy state", self.log):
+            with self.lock:
+                self.accounts.changed = True  # not on disk: written at the next cycle
         return lines
 
     def status(self) -> dict[str, Any]:
