@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from graphite_helper import Spool
 from kasa_energy import SmartEnergyTotals
 from mqtt_glow import RegisterGuard
 from state import EnergyIntegrator, NameMap, StateLock, atomic_write_json, prepare_state_dir
@@ -183,3 +184,22 @@ def test_a_full_state_disk_is_no_setting_error_at_start(disk, caplog):
     with caplog.at_level(logging.INFO):
         prepare_state_dir(state_dir)  # ConfigError (exit 2, restarted every 10 s) before
     assert any("disk is full" in r.getMessage() for r in caplog.records)
+
+
+def test_the_spool_takes_no_short_write_for_a_whole_one(disk):
+    """A full disk takes the part of a write that fits its last page and
+    refuses only the next write: the part must not count as written."""
+    directory = disk.mount_point / "spool"
+    spool = Spool(directory)
+    first = [f"home.test.a {n} {1_700_000_000 + n}\n" for n in range(10)]
+    assert spool.append(first)
+    disk.fill(inodes=False)  # the segment's page still has room for ~4 KB
+    batch = [f"home.test.b {n} {1_700_000_000 + n}\n" for n in range(1000)]  # ~30 KB
+    assert not spool.append(batch)  # refused: the lines wait in memory
+    on_disk = b"".join(p.read_bytes() for p in sorted(directory.glob("*.spool")))
+    assert on_disk.decode() == "".join(first)  # no torn line, nothing half-counted
+    disk.free()
+    assert spool.append(["home.test.c 1 1700000001\n"])  # memory first, then these
+    on_disk = b"".join(p.read_bytes() for p in sorted(directory.glob("*.spool")))
+    assert on_disk.decode() == "".join(first + batch) + "home.test.c 1 1700000001\n"
+    spool.close()
