@@ -623,8 +623,12 @@ class MeterReceiver:
             self.runtime.health.devices_failed = len(self.accounts.devices) - len(fresh)
             state = self.accounts.to_state() if self.accounts.changed else None
             lines = self.runtime.health_lines(timestamp)
-        saved = state is None or self.state_path is None
-        if not saved and not save_json(self.state_path, state, "the energy state", self.log):
+        path = self.state_path
+        if (
+            state is not None
+            and path is not None
+            and not save_json(path, state, "the energy state", self.log)
+        ):
             with self.lock:
                 self.accounts.changed = True  # not on disk: written at the next cycle
         return lines
