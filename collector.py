@@ -513,11 +513,11 @@ class Runtime:
             timeout_s = self.settings.carbon_timeout_s * (destinations + 2)
         return drain(timeout_s, force)
 
-    def settle(self) -> None:
+    def settle(self, timeout_s: float = HEALTH_SETTLE_S) -> None:
         """Give the sender a moment (HEALTH_SETTLE_S) to confirm what was just
         handed over, so ``spool_lines`` shows a backlog, not the lines of
         this very cycle."""
-        self.drain(HEALTH_SETTLE_S, force=False)
+        self.drain(timeout_s, force=False)
 
     def undelivered_message(self) -> str:
         spool = self.sink.spool
@@ -762,7 +762,12 @@ class PollLoop:
         runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
         runtime.health.poll_seconds = time.monotonic() - started
         self.collector.end_of_cycle(timestamp)
-        await asyncio.get_running_loop().run_in_executor(None, runtime.settle)
+        # Only the time left before ``until``: a cycle that waited for a pending
+        # device must not miss the next boundary for a health figure.
+        settle_s = HEALTH_SETTLE_S
+        if until is not None:
+            settle_s = min(settle_s, max(0.0, until - time.monotonic()))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.settle, settle_s)
         delivered = self._delivered & runtime.deliver(runtime.health_lines(timestamp))
         return ok, failed, delivered
 
