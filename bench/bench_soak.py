@@ -28,9 +28,10 @@ Carbon answering again:
 
 - every (path, timestamp) produced is in whisper with the value produced;
 - no cycle boundary of a polled device (Kasa, Tuya, circuits) is missing a
-  sample, except while that device was down by the schedule (its fault
-  window plus RECOVERY_S) or its collector was dead (from the SIGKILL to
-  RESTART_S later);
+  sample (in the spool, or in whisper: lines delivered from memory while the
+  disk was full never reach the spool), except while that device was down
+  by the schedule (its fault window plus RECOVERY_S) or its collector was
+  dead (from the SIGKILL to RESTART_S later);
 - no collector exited on its own, no log has a traceback;
 - RSS, open file descriptors and threads of each collector, at checkpoints.
 
