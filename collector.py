@@ -23,6 +23,7 @@ from runtime import (
     EXIT_NO_DEVICE,
     EXIT_OK,
     EXIT_UNDELIVERED,
+    HEALTH_SETTLE_S,
     Once,
     Runtime,
     Source,
@@ -244,7 +245,12 @@ class PollLoop:
         runtime.health.devices_ok, runtime.health.devices_failed = ok, failed
         runtime.health.poll_seconds = time.monotonic() - started
         self.collector.end_of_cycle(timestamp)
-        await asyncio.get_running_loop().run_in_executor(None, runtime.settle)
+        # Only the time left before ``until``: a cycle that waited for a pending
+        # device must not miss the next boundary for a health figure.
+        settle_s = HEALTH_SETTLE_S
+        if until is not None:
+            settle_s = min(settle_s, max(0.0, until - time.monotonic()))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.settle, settle_s)
         delivered = self._delivered & runtime.deliver(runtime.health_lines(timestamp))
         return ok, failed, delivered
 

@@ -75,6 +75,8 @@ class Source:
     args: list[str] = field(default_factory=list)  # the collector's own flags
     settings: dict[str, Any] = field(default_factory=dict)  # for config_local.py
     tick: Callable[[float], None] = lambda elapsed_s: None  # vary the load
+    # The simulators behind it, by name, for benchmarks that play faults on them.
+    controls: dict[str, Any] = field(default_factory=dict)
 
 
 # --- The simulated home -----------------------------------------------------------
@@ -199,6 +201,7 @@ def kasa_source(stack: contextlib.ExitStack, work: Path) -> Source:
             "KASA_PASSWORD": account["password"],
         },
         tick=tick,
+        controls={"kettle": kettle, "fridge": fridge, "lamp": lamp, "strip": strip, "tv": tv},
     )
 
 
@@ -235,8 +238,11 @@ def tuya_source(stack: contextlib.ExitStack, work: Path) -> Source:
         tuya_plug_entry("Dishwasher", "bf0demo34dishwash000x", "fedcba9876543210", "3.4"),
     ]
     appliances = {"Washing machine": "washing machine", "Dishwasher": "dishwasher"}
+    # Ports of their own (not 0), so the simulator can stop and start again on them.
     plugs = {
-        entry["name"]: SimulatedTuyaDevice.from_devices_json(entry, dps=plug_dps(0.0), port=0)
+        entry["name"]: SimulatedTuyaDevice.from_devices_json(
+            entry, dps=plug_dps(0.0), port=free_port()
+        )
         for entry in entries
     }
     simulator = TuyaSimulator(list(plugs.values())).start()
@@ -262,6 +268,7 @@ def tuya_source(stack: contextlib.ExitStack, work: Path) -> Source:
             "TUYA_ANNOUNCE_LISTEN_S": 1.0,
         },
         tick=tick,
+        controls={"simulator": simulator, **plugs},
     )
 
 
@@ -317,7 +324,12 @@ def mqtt_source(stack: contextlib.ExitStack, work: Path) -> Source:
     def publish(stop: threading.Event) -> None:
         with Publisher(broker.host, broker.port) as publisher:
             while not stop.wait(interval_s):
-                publisher.publish_all(glow.step(interval_s))
+                try:
+                    publisher.publish_all(glow.step(interval_s))
+                except (RuntimeError, ValueError):
+                    # The broker restarted: paho reconnects and sends what it queued,
+                    # as a real display goes on publishing.
+                    continue
 
     background(stack, publish)
 
@@ -331,6 +343,7 @@ def mqtt_source(stack: contextlib.ExitStack, work: Path) -> Source:
         args=["--broker", f"{broker.host}:{broker.port}"],
         settings={"MQTT_HEALTH_INTERVAL_S": INTERVAL_S},
         tick=tick,
+        controls={"broker": broker},
     )
 
 
@@ -371,6 +384,7 @@ def circuit_source(stack: contextlib.ExitStack, work: Path) -> Source:
             "CIRCUITS": [circuit("Heat pump", 1, "sdm120"), circuit("EV charger", 2, "sdm630")]
         },
         tick=tick,
+        controls={"gateway": gateway, "heat pump": heat_pump, "ev charger": ev_charger},
     )
 
 

@@ -64,7 +64,7 @@ from runtime import (
 )
 from service import sd_notify, stop_on_signals
 from settings import ConfigError
-from state import atomic_write_json
+from state import save_json
 
 SOURCE = "esp32"
 READINGS_PATH = "/api/v1/readings"
@@ -633,11 +633,14 @@ class MeterReceiver:
             self.runtime.health.devices_failed = len(self.accounts.devices) - len(fresh)
             state = self.accounts.to_state() if self.accounts.changed else None
             lines = self.runtime.health_lines(timestamp)
-        if state is not None and self.state_path is not None:
-            try:
-                atomic_write_json(self.state_path, state)
-            except OSError as exc:
-                self.log.error("cannot save the energy state to %s: %s", self.state_path, exc)
+        path = self.state_path
+        if (
+            state is not None
+            and path is not None
+            and not save_json(path, state, "the energy state", self.log)
+        ):
+            with self.lock:
+                self.accounts.changed = True  # not on disk: written at the next cycle
         return lines
 
     def status(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from state import atomic_write_json, read_json
+from state import read_json, save_json
 
 log = logging.getLogger("electricity.kasa")  # not "kasa": python-kasa's own
 
@@ -126,10 +126,8 @@ class SmartEnergyTotals:
         now = time.monotonic()
         if not force and now - self._saved_at < SAVE_INTERVAL_S:
             return
-        try:
-            atomic_write_json(self.path, {k: asdict(v) for k, v in self._counters.items()})
-        except OSError as exc:
-            log.error("cannot save smart plug energy totals to %s: %s", self.path, exc)
+        data = {k: asdict(v) for k, v in self._counters.items()}
+        if not save_json(self.path, data, "smart plug energy totals", log):
             return
         self._dirty = False
         self._saved_at = now

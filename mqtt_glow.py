@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mqtt_rules import MISSING, PayloadError, lookup, to_number
-from state import atomic_write_json, read_json
+from state import read_json, save_json
 
 log = logging.getLogger("electricity.mqtt")
 
@@ -202,10 +202,7 @@ class RegisterGuard:
             self.save()
 
     def save(self) -> None:
-        if self.path is not None and self._dirty:
-            try:
-                atomic_write_json(self.path, self._last)
-            except OSError as exc:
-                log.error("cannot save Glow registers to %s: %s", self.path, exc)
         self._saved_at = time.monotonic()
-        self._dirty = False
+        if self.path is not None and self._dirty:
+            # Not written (a full disk): still dirty, tried again at the next save.
+            self._dirty = not save_json(self.path, self._last, "Glow registers", log)

@@ -69,7 +69,7 @@ from runtime import (
 )
 from service import sd_notify, stop_on_signals
 from settings import ConfigError, parse_host_port
-from state import atomic_write_json, read_json
+from state import read_json, save_json
 
 SOURCE = "mqtt"
 log = logging.getLogger(f"electricity.{SOURCE}")  # the runtime's logger too
@@ -207,10 +207,7 @@ class MessageHandler:
     def _save_owners(self) -> None:
         if self._owners_path is None:
             return
-        try:
-            atomic_write_json(self._owners_path, self._owners)
-        except OSError as exc:
-            log.error("cannot save MQTT device ids to %s: %s", self._owners_path, exc)
+        save_json(self._owners_path, self._owners, "MQTT device ids", log)
 
     @property
     def sources(self) -> list[str]:

@@ -337,11 +337,11 @@ class Runtime:
             timeout_s = self.settings.carbon_timeout_s * (destinations + 2)
         return drain(timeout_s, force)
 
-    def settle(self) -> None:
+    def settle(self, timeout_s: float = HEALTH_SETTLE_S) -> None:
         """Give the sender a moment (HEALTH_SETTLE_S) to confirm what was just
         handed over, so ``spool_lines`` shows a backlog, not the lines of
         this very cycle."""
-        self.drain(HEALTH_SETTLE_S, force=False)
+        self.drain(timeout_s, force=False)
 
     def undelivered_message(self) -> str:
         spool = self.sink.spool

@@ -12,6 +12,7 @@ is the sender that reads from here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -290,7 +291,11 @@ class Spool:
             chunk, remaining = remaining[:room], remaining[room:]
             data = "".join(chunk).encode("ascii", errors="replace")
             try:
-                self._handle.write(data)
+                written = self._handle.write(data)
+                if written != len(data):
+                    # A full disk takes what fits and says so only at the next
+                    # write: a short write is a refusal (the rest is not on disk).
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             except OSError:
                 # A partial write would glue a torn line to the next one.
                 with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ or a power cut on the Pi leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -21,16 +22,61 @@ from settings import ConfigError, check_device_names, one_line, usable_name
 log = logging.getLogger("electricity.state")
 
 
+# A disk that is full (or over quota) is a passing state, not a setting to fix.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON, never leaving a half-written file."""
+    """Replace ``path`` with ``data`` as JSON, never leaving a half-written file.
+
+    Raises OSError when the disk refuses; the temporary file is removed then,
+    so a full disk is not left fuller by a half-written copy.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        raise
+
+
+# Paths whose last write failed: said once until a write succeeds again.
+_failing: dict[Path, str] = {}
+
+
+def save_json(path: Path, data: Any, what: str, logger: logging.Logger | None = None) -> bool:
+    """Write ``data`` to ``path`` atomically; False if the disk refused.
+
+    A refusal (a full disk, a read-only one) is logged once, with ``what``
+    (e.g. "device names"), and once more when a write succeeds again; the
+    caller keeps ``data`` in memory and simply tries again later.
+    """
+    logger = logger or log
+    try:
+        atomic_write_json(path, data)
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        if _failing.get(path) != reason:
+            logger.error(
+                "cannot save %s to %s: %s; kept in memory, retried at each change",
+                what,
+                path,
+                reason,
+            )
+        _failing[path] = reason
+        return False
+    if _failing.pop(path, None) is not None:
+        logger.warning("%s saved to %s again", what, path)
+    return True
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -59,6 +105,11 @@ def prepare_state_dir(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            # Not a setting: start anyway (lines wait in memory, state files
+            # are retried) rather than exit and be restarted every 10 s.
+            log.error("%s: the disk is full; starting anyway, writing once space is back", path)
+            return
         raise state_dir_error(path, exc) from None
 
 
@@ -190,10 +241,7 @@ class NameMap:
         # Never write an empty map over a good one.
         if self.path is None or not self._names:
             return
-        try:
-            atomic_write_json(self.path, self._names)
-        except OSError as exc:
-            log.error("cannot save device names to %s: %s", self.path, exc)
+        save_json(self.path, self._names, "device names")
 
 
 class EnergyIntegrator:
@@ -234,10 +282,7 @@ class EnergyIntegrator:
 
     def save(self) -> None:
         if self.path is not None and self._state:
-            try:
-                atomic_write_json(self.path, self._state)
-            except OSError as exc:
-                log.error("cannot save energy state to %s: %s", self.path, exc)
+            save_json(self.path, self._state, "energy state")
 
 
 class StateLock:
@@ -256,10 +301,16 @@ class StateLock:
         except OSError:
             handle.close()
             return False
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        # The pid is for people; the lock is the flock. A full disk that
+        # refuses the few bytes does not stop the collector.
+        try:  # unbuffered: nothing left to fail again at close
+            os.ftruncate(handle.fileno(), 0)
+            os.write(handle.fileno(), f"{os.getpid()}\n".encode("ascii"))
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                handle.close()
+                raise
+            log.error("%s: the disk is full; the lock holds, without its pid", self.path)
         self._handle = handle
         return True
 

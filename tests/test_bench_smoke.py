@@ -78,3 +78,21 @@ def test_bench_esp32_slow_clients_quick():
     answered = re.search(r"posts answered: (\d+) of (\d+)", result.stdout)
     assert answered, result.stdout
     assert answered.group(1) == answered.group(2) != "0", result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_soak_quick():
+    """Two minutes of every fault at once (as root: the full state disk too)."""
+    result = run_bench("bench/bench_soak.py", "--quick", timeout_s=840)
+    out = result.stdout
+    if "soak skipped" in out:
+        if os.environ.get("ELECTRICITY_REQUIRE_SERVERS"):
+            pytest.fail(f"carbon-cache missing:\n{out}")
+        pytest.skip("carbon-cache not installed")
+    assert result.returncode == 0, out + result.stderr
+    assert "every line in whisper, no boundary missing: yes" in out
+    for fault in ("Kasa plug hangs", "Tuya plugs switched off and on", "MQTT broker killed"):
+        assert f"| {fault}" in out, out
+    if os.geteuid() == 0:
+        assert "| state disk full | 1 |" in out, out

@@ -224,6 +224,29 @@ def test_a_pending_device_holds_no_boundary(tmp_path, caplog):
     assert not any("overran" in m for m in said)
 
 
+@pytest.mark.slow
+def test_a_device_going_pending_costs_the_others_no_boundary_while_carbon_is_silent(
+    tmp_path, stand_in, caplog
+):
+    """The cycle in which a device goes pending runs until just before the
+    next boundary; the sender's settle (HEALTH_SETTLE_S, spent in full while
+    Carbon does not confirm) must not push it past (found by bench_soak.py at
+    a 1 s interval: the other Tuya plug lost one boundary per hang)."""
+    carbon = stand_in("blackhole").arg
+    runtime = real_runtime(tmp_path, carbon, DEVICE_TIMEOUT_S=10.0, CARBON_TIMEOUT_S=5.0)
+    source = FakeSource(runtime, {"live": (0, {"power_watts": 1}), "hung": (60, {"x": 1})})
+    loop = collector.PollLoop(source, interval_s=0.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="electricity.fake"):
+            run_until(loop, lambda: sum(1 for d, _ in source.polls if d == "live") >= 7)
+    finally:
+        runtime.close()
+    live = [int(t * 2) for d, t in source.polls if d == "live"][1:]
+    assert live == list(range(live[0], live[-1] + 1)), "the live device missed a boundary"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("overran" in m for m in said), said
+
+
 # --- 8. A chattering Carbon: the deadline holds while bytes arrive --------------
 
 
