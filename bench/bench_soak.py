@@ -561,7 +561,9 @@ def verify(carbon, tailer, collectors, faults, figures, started: float, ended: f
     print(f"lines produced (read from the spools): {wanted:,}")
     deadline = time.monotonic() + 180
     while True:
-        absent, wrong, gaps = _compare(carbon, produced, collectors, faults, started, ended)
+        absent, wrong, gaps, absent_points = _compare(
+            carbon, produced, collectors, faults, started, ended
+        )
         if (not any(absent.values()) and not any(wrong.values())) or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -581,7 +583,7 @@ def verify(carbon, tailer, collectors, faults, figures, started: float, ended: f
     for _source, (missing, _) in sorted(gaps.items()):
         for path, boundary in sorted(missing, key=lambda m: m[1])[:10]:
             print(f"  missing: {path} at {boundary - started:.0f} s")
-    for path, stamp in sorted(getattr(_compare, "absent_points", []), key=lambda p: p[1])[:10]:
+    for path, stamp in sorted(absent_points, key=lambda p: p[1])[:10]:
         print(f"  not in whisper: {path} at {stamp - started:.0f} s")
     torn = sum(tailer.torn.values())
     print(f"torn or invalid lines in the spools: {torn}")
@@ -631,7 +633,7 @@ def _recovery(fault: Fault, produced) -> str:
 def _compare(carbon, produced, collectors, faults, started: float, ended: float):
     absent: dict[str, int] = defaultdict(int)
     wrong: dict[str, int] = defaultdict(int)
-    _compare.absent_points = []  # type: ignore[attr-defined]
+    absent_points: list[tuple[str, int]] = []
     gaps: dict[str, tuple[list[tuple[str, int]], int]] = {}
     for source, points in produced.items():
         by_path: dict[str, dict[int, set[str]]] = defaultdict(dict)
@@ -644,7 +646,7 @@ def _compare(carbon, produced, collectors, faults, started: float, ended: float)
             for stamp, values in stamps.items():
                 if stamp not in stored:
                     absent[source] += 1
-                    _compare.absent_points.append((path, stamp))  # type: ignore[attr-defined]
+                    absent_points.append((path, stamp))
                 elif not any(
                     abs(stored[stamp] - float(v)) <= 1e-9 * max(1, abs(float(v))) for v in values
                 ):
@@ -660,7 +662,7 @@ def _compare(carbon, produced, collectors, faults, started: float, ended: float)
                 missing.extend((path, boundary) for boundary in m)
                 excused += e
         gaps[source] = (missing, excused)
-    return absent, wrong, gaps
+    return absent, wrong, gaps, absent_points
 
 
 TRACEBACK = re.compile(r"^Traceback \(most recent call last\)", re.M)
