@@ -148,6 +148,9 @@ class Spool:
         self._capped = False
         # (confirmed at wall time, segment, start offset, start lines, lines)
         self._marks: deque[tuple[float, int, int, int, int]] = deque()
+        # The resend window of lines confirmed from memory (the disk was full):
+        # (confirmed at, lines), so a carbon-cache that dies takes none of them.
+        self._memory_marks: deque[tuple[float, list[str]]] = deque()
         self._appended: dict[int, int] = {}  # segment -> end offset of our appends
         self._lock = threading.RLock()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -499,8 +502,14 @@ class Spool:
         ``rewind`` can send them again."""
         with self._lock:
             if batch.segment is None:
-                for _ in range(min(batch.count, len(self._memory))):
-                    self._memory.popleft()
+                taken = [self._memory.popleft() for _ in range(min(batch.count, len(self._memory)))]
+                if keep_s > 0 and taken:
+                    self._memory_marks.append((time.time(), taken))
+                oldest, kept = time.time() - keep_s, sum(len(m[1]) for m in self._memory_marks)
+                while self._memory_marks and (
+                    self._memory_marks[0][0] < oldest or kept > keep_max_lines
+                ):
+                    kept -= len(self._memory_marks.popleft()[1])
                 return
             segment = self._segments.get(batch.segment)
             if segment is None or segment.sent_offset != batch.start:
@@ -547,6 +556,10 @@ class Spool:
                 rewound += segment.sent_lines - start_lines
                 segment.sent_offset, segment.sent_lines = start, start_lines
             self._marks.clear()
+            again = [line for at, lines in self._memory_marks if at >= oldest for line in lines]
+            self._memory.extendleft(reversed(again))  # sent first, to disk first
+            self._memory_marks.clear()
+            rewound += len(again)
             self._forget_sent()
             self._save_cursor(force=True)
             return rewound

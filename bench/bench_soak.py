@@ -514,7 +514,12 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
             starts[name] += 1
             item.running = start(item.source, config, state, logs, starts[name])
         code = verify(carbon, tailer, collectors, faults, figures, started, ended)
-        return max(code, check_logs(logs, collectors, faults))
+        code = max(code, check_logs(logs, collectors, faults))
+        skipped = [name for name in demo.SOURCE_NAMES if name not in collectors]
+        if skipped:  # a collector that did not run proves nothing
+            print(f"not played (their simulators did not start): {', '.join(skipped)}")
+            code = 1
+        return code
 
 
 def _play(faults: list[Fault], elapsed: float) -> None:
@@ -556,7 +561,9 @@ def verify(carbon, tailer, collectors, faults, figures, started: float, ended: f
     print(f"lines produced (read from the spools): {wanted:,}")
     deadline = time.monotonic() + 180
     while True:
-        absent, wrong, gaps = _compare(carbon, produced, collectors, faults, started, ended)
+        absent, wrong, gaps, absent_points = _compare(
+            carbon, produced, collectors, faults, started, ended
+        )
         if (not any(absent.values()) and not any(wrong.values())) or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -576,6 +583,8 @@ def verify(carbon, tailer, collectors, faults, figures, started: float, ended: f
     for _source, (missing, _) in sorted(gaps.items()):
         for path, boundary in sorted(missing, key=lambda m: m[1])[:10]:
             print(f"  missing: {path} at {boundary - started:.0f} s")
+    for path, stamp in sorted(absent_points, key=lambda p: p[1])[:10]:
+        print(f"  not in whisper: {path} at {stamp - started:.0f} s")
     torn = sum(tailer.torn.values())
     print(f"torn or invalid lines in the spools: {torn}")
     print("\n| home fault | played | device back (s after the fault ended, max) |")
@@ -624,6 +633,7 @@ def _recovery(fault: Fault, produced) -> str:
 def _compare(carbon, produced, collectors, faults, started: float, ended: float):
     absent: dict[str, int] = defaultdict(int)
     wrong: dict[str, int] = defaultdict(int)
+    absent_points: list[tuple[str, int]] = []
     gaps: dict[str, tuple[list[tuple[str, int]], int]] = {}
     for source, points in produced.items():
         by_path: dict[str, dict[int, set[str]]] = defaultdict(dict)
@@ -636,6 +646,7 @@ def _compare(carbon, produced, collectors, faults, started: float, ended: float)
             for stamp, values in stamps.items():
                 if stamp not in stored:
                     absent[source] += 1
+                    absent_points.append((path, stamp))
                 elif not any(
                     abs(stored[stamp] - float(v)) <= 1e-9 * max(1, abs(float(v))) for v in values
                 ):
@@ -651,7 +662,7 @@ def _compare(carbon, produced, collectors, faults, started: float, ended: float)
                 missing.extend((path, boundary) for boundary in m)
                 excused += e
         gaps[source] = (missing, excused)
-    return absent, wrong, gaps
+    return absent, wrong, gaps, absent_points
 
 
 TRACEBACK = re.compile(r"^Traceback \(most recent call last\)", re.M)

@@ -208,3 +208,25 @@ def test_the_spool_takes_no_short_write_for_a_whole_one(disk):
     on_disk = b"".join(p.read_bytes() for p in sorted(directory.glob("*.spool")))
     assert on_disk.decode() == "".join(first + batch) + "home.test.c 1 1700000001\n"
     spool.close()
+
+
+def test_lines_confirmed_from_memory_are_in_the_resend_window(disk):
+    """While the disk is full the sender delivers from memory; carbon-cache
+    dying right after must not take those lines (found by bench_soak: one
+    boundary lost when carbon-cache was killed during a full disk)."""
+    directory = disk.mount_point / "spool"
+    spool = Spool(directory)
+    assert spool.append([f"home.test.a 0 {1_700_000_000}\n"])
+    disk.fill(inodes=False)
+    waiting = [f"home.test.b {n} {1_700_000_000 + n}\n" for n in range(1000)]
+    assert not spool.append(waiting)  # in memory
+    batch = spool.next_batch(5000, newest_first=True)
+    assert batch is not None
+    assert batch.lines == waiting
+    spool.confirm(batch, keep_s=120, keep_max_lines=100_000)  # Carbon confirmed them
+    assert spool.rewind(120) >= 1000  # carbon-cache died: the window goes again
+    again = spool.next_batch(5000, newest_first=True)
+    assert again is not None
+    assert again.lines == waiting
+    disk.free()
+    spool.close()
