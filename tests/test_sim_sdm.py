@@ -325,7 +325,7 @@ def test_async_client_reads(gateway: ModbusMeterSimulator) -> None:
 def test_port_in_use_fails_start(gateway: ModbusMeterSimulator) -> None:
     host, port = gateway.address
     second = ModbusMeterSimulator(host=host, port=port, meters={1: SimulatedSDM120()})
-    with pytest.raises(OSError, match=r"[Aa]ddress already in use"):
+    with pytest.raises(OSError, match="could not listen"):
         second.start()
     second.stop()  # harmless after a failed start
 
