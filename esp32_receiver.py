@@ -8,11 +8,12 @@
     GET  /api/v1/status     each device's last reading, for people
 
 Answers 200 {"ok": true, "seq": n}; 400 naming the bad field; 401; 413; 415.
-Energy is accounted in esp32_accounting.py (never counted twice); this file
-checks what arrives, turns accepted readings into Carbon lines
-(``home.electricity.meter.power_kw``, ``power_watts``, ``energy_kwh``,
-``pulses_total``, ``rssi``) and serves the app with waitress. docs/esp32.md
-describes the contract and the set-up.
+The body is checked in esp32_readings.py, energy accounted in
+esp32_accounting.py (never counted twice) and the app served by the hardened
+waitress server of esp32_http.py; this file decides who may post, turns
+accepted readings into Carbon lines (``home.electricity.meter.power_kw``,
+``power_watts``, ``energy_kwh``, ``pulses_total``, ``rssi``) and answers.
+docs/esp32.md describes the contract and the set-up.
 """
 
 from __future__ import annotations
@@ -23,23 +24,14 @@ import hmac
 import ipaddress
 import json
 import math
-import re
-import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from flask import Flask, Response, request
-from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
-from waitress.server import TcpWSGIServer
-from waitress.task import ThreadedTaskDispatcher
-from waitress.utilities import BadRequest as WaitressBadRequest
-from waitress.utilities import ServerNotImplemented
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from esp32_accounting import (
@@ -52,6 +44,8 @@ from esp32_accounting import (
     MeterAccounts,
     MeterReading,
 )
+from esp32_http import ReceiverServer
+from esp32_readings import BadReading, parse_body, shown
 from runtime import (
     EXIT_NO_DEVICE,
     EXIT_OK,
@@ -71,170 +65,9 @@ READINGS_PATH = "/api/v1/readings"
 # The first device to post is the whole-house meter, "meter"; others become
 # "meter_<device_id>" unless DEVICE_NAMES names them (state.NameMap).
 MAIN_METER_NAME = "meter"
-MAX_READINGS_PER_BODY = 1000
-# Whole numbers below 2**53 come through any JSON parser exactly.
-MAX_COUNT = 2**53
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-# Real LED meters flash 100 to 100,000 times per kWh; outside that a reading
-# is garbage (1e-300 imp/kWh would make 1e300 kWh of one pulse).
-MIN_IMP_PER_KWH = 100
-MAX_IMP_PER_KWH = 100_000
-# More digits than any float holds (about 1.8e308): refused as a number, and
-# never turned into an int (Python limits int() to 4,300 digits).
-MAX_NUMBER_DIGITS = 310
 MIN_TOKEN_CHARS = 16
-SERVER_THREADS = 4
 # A client's repeated mistakes are logged at warning level once a minute.
 COMPLAINT_INTERVAL_S = 60.0
-
-# --- The body: check every field ---------------------------------------------
-
-
-class BadReading(ValueError):
-    """A body the contract does not allow; ``field`` names what is wrong."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-class HugeNumber:
-    """A JSON number with more digits than any float holds; the field that
-    holds it is refused by name."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"a number of {self.digits} digits"
-
-
-def _parse_int(text: str) -> int | HugeNumber:
-    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else int(text)
-
-
-def _parse_float(text: str) -> float | HugeNumber:
-    return HugeNumber(len(text)) if len(text) > MAX_NUMBER_DIGITS else float(text)
-
-
-def parse_body(body: bytes) -> list[MeterReading]:
-    """The readings in a POST body: one reading or {"readings": [...]}.
-
-    Raises BadReading naming the first bad field; nothing is accepted from a
-    body with any bad reading (the firmware then drops it, and the next
-    reading's cumulative count carries its energy).
-    """
-    try:
-        payload = json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-        )
-    except UnicodeDecodeError:
-        raise BadReading("body", "not UTF-8") from None
-    except (ValueError, RecursionError) as exc:
-        raise BadReading("body", f"not JSON ({exc.__class__.__name__})") from None
-    if not isinstance(payload, dict):
-        raise BadReading("body", "must be a JSON object")
-    if "readings" not in payload:
-        return [parse_reading(payload, "")]
-    items = payload["readings"]
-    if not isinstance(items, list) or not items:
-        raise BadReading("readings", "must be a non-empty list")
-    if len(items) > MAX_READINGS_PER_BODY:
-        raise BadReading("readings", f"more than {MAX_READINGS_PER_BODY} readings")
-    return [parse_reading(item, f"readings[{index}].") for index, item in enumerate(items)]
-
-
-def parse_reading(item: Any, where: str = "") -> MeterReading:
-    """One reading; ``where`` prefixes field names (``readings[3].``)."""
-    if not isinstance(item, dict):
-        raise BadReading(where.rstrip(".") or "body", "must be a JSON object")
-
-    def required(name: str) -> Any:
-        if item.get(name) is None:
-            raise BadReading(where + name, "missing")
-        return item[name]
-
-    return MeterReading(
-        device_id=_identifier(where + "device_id", required("device_id")),
-        boot_id=_identifier(where + "boot_id", required("boot_id")),
-        seq=_count(where + "seq", required("seq")),
-        uptime_ms=_count(where + "uptime_ms", required("uptime_ms")),
-        imp_per_kwh=_number(
-            where + "imp_per_kwh",
-            required("imp_per_kwh"),
-            MIN_IMP_PER_KWH,
-            MAX_IMP_PER_KWH,
-            low_open=False,
-        ),
-        pulses_total=_count(where + "pulses_total", required("pulses_total")),
-        ts=_optional(item, "ts", where, lambda f, v: _number(f, v, 0, math.inf, low_open=False)),
-        last_interval_ms=_optional(
-            item, "last_interval_ms", where, lambda f, v: _number(f, v, 0, MAX_COUNT)
-        ),
-        rssi=_optional(item, "rssi", where, lambda f, v: _number(f, v, -200, 50, low_open=False)),
-        fw=_optional(item, "fw", where, _firmware),
-    )
-
-
-def _optional(item: dict, name: str, where: str, check: Any) -> Any:
-    value = item.get(name)
-    return None if value is None else check(where + name, value)
-
-
-def _identifier(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
-        raise BadReading(field, f"must be 1 to 64 of A-Z a-z 0-9 . _ : - , got {_shown(value)}")
-    return value
-
-
-def _is_finite_number(value: Any) -> bool:
-    """An int or float that a float holds and that is not NaN or infinite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float
-        return False
-
-
-def _count(field: str, value: Any) -> int:
-    """A whole number 0 <= n < 2**53 (an integral float such as 12.0 passes)."""
-    if not _is_finite_number(value) or value != int(value):
-        raise BadReading(field, f"must be a whole number, got {_shown(value)}")
-    if not 0 <= value < MAX_COUNT:
-        raise BadReading(field, f"must be from 0 to 2**53, got {_shown(value)}")
-    return int(value)
-
-
-def _number(field: str, value: Any, low: float, high: float, low_open: bool = True) -> float:
-    """A finite number in (low, high] (or [low, high] when not ``low_open``)."""
-    if not _is_finite_number(value):
-        raise BadReading(field, f"must be a number, got {_shown(value)}")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise BadReading(field, f"must be in {bracket}{low:g}, {high:g}], got {_shown(value)}")
-    return value
-
-
-def _firmware(field: str, value: Any) -> str:
-    if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
-        raise BadReading(field, f"must be printable text up to 64 characters, got {_shown(value)}")
-    return value
-
 
 # --- Who may post ------------------------------------------------------------------
 
@@ -466,7 +299,7 @@ class MeterReceiver:
             return _error(
                 415,
                 "requests_wrong_type",
-                f"Content-Type must be application/json, got {_shown(mimetype)}",
+                f"Content-Type must be application/json, got {shown(mimetype)}",
             )
         limit = self.settings.esp32_max_body_bytes
         if content_length is not None and content_length > limit:
@@ -709,262 +542,6 @@ def create_app(receiver: MeterReceiver) -> Flask:
         return answer(Answer(exc.code or 400, {"ok": False, "error": exc.name}))
 
     return app
-
-
-# --- The server ----------------------------------------------------------------------
-
-
-# A client must send its whole request (headers and body) within this time
-# of connecting or of starting it: one that trickles a header line every few
-# seconds would otherwise hold its connection for ever. A firmware post takes
-# well under a second.
-REQUEST_DEADLINE_S = 10.0
-# A connection between requests is closed after this long without a byte.
-IDLE_TIMEOUT_S = 30.0
-# Connections held at most; at the limit the one waiting longest for its
-# request (or idle longest) is closed to make room, so slow or idle clients
-# can never lock posting devices out.
-CONNECTION_LIMIT = 200
-# After an error answer (413 above all) the rest of the body is read and
-# dropped, up to this much and this long, so the client reads the answer
-# rather than a connection reset.
-DRAIN_MAX_BYTES = 32 * 1024 * 1024
-DRAIN_MAX_S = 10.0
-
-
-class _RequestParser(HTTPRequestParser):
-    """waitress answers a Transfer-Encoding it does not know with 501; to a
-    client that is just a bad request (and the contract has no 5xx)."""
-
-    error: Any  # waitress's attribute (untyped): the error to answer with
-
-    def received(self, data: bytes) -> int:
-        consumed: int = super().received(data)
-        if isinstance(self.error, ServerNotImplemented):
-            self.error = WaitressBadRequest(self.error.body)
-        return consumed
-
-
-class _Channel(HTTPChannel):
-    """One connection: when its request began (for the deadline), and a
-    lingering close after an answer that ends the connection (a 413 above all)."""
-
-    parser_class = _RequestParser
-
-    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
-        super().__init__(server, sock, addr, adj, map)
-        self.request_started: float | None = self.creation_time  # None: between requests
-        self.linger_on_close = False
-        self.drain_until: float | None = None
-        self.drained_bytes = 0
-
-    def received(self, data: bytes) -> bool:
-        between_requests = self.request is None
-        result = super().received(data)
-        if self.request is None:
-            self.request_started = None
-        elif between_requests and self.request_started is None:
-            # A later request on the connection; the first one's time runs
-            # from the connect, so waiting before the first byte buys nothing.
-            self.request_started = time.time()
-        return result
-
-    def handle_write(self) -> None:
-        if self.close_when_flushed:
-            # Closing after an answer (an error, or Connection: close): the
-            # client may still be sending a body nobody read, and closing now
-            # would reset the connection before it reads the answer.
-            self.linger_on_close = True
-        super().handle_write()
-
-    def readable(self) -> bool:
-        return self.drain_until is not None or super().readable()
-
-    def writable(self) -> bool:
-        return self.drain_until is None and super().writable()
-
-    def handle_read(self) -> None:
-        if self.drain_until is None:
-            super().handle_read()
-            return
-        try:
-            data = self.recv(self.adj.recv_bytes)
-        except OSError:
-            data = b""
-        self.drained_bytes += len(data)
-        if not data or self.drained_bytes > DRAIN_MAX_BYTES or time.time() > self.drain_until:
-            self.close_now()
-
-    def handle_close(self) -> None:
-        if self.linger_on_close and self.drain_until is None and self.connected:
-            try:
-                self.socket.shutdown(socket.SHUT_WR)  # the answer is out; now read the rest
-            except OSError:
-                self.close_now()
-                return
-            self.drain_until = time.time() + DRAIN_MAX_S
-            self.will_close = False
-            return
-        self.close_now()
-
-    def close_now(self) -> None:
-        self.drain_until = None
-        self.linger_on_close = False
-        if self.socket is not None:
-            super().handle_close()
-
-    def waiting_since(self) -> float | None:
-        """Since when this connection holds a slot without being served
-        (None: a request of it is being served, or it is closing)."""
-        if self.requests or self.will_close or self.close_when_flushed:
-            return None
-        if self.drain_until is not None:
-            return self.drain_until - DRAIN_MAX_S
-        return self.request_started if self.request_started is not None else self.last_activity
-
-
-class _Server(TcpWSGIServer):
-    """waitress's server, with a deadline for each request and room always
-    made for a new connection (see REQUEST_DEADLINE_S, CONNECTION_LIMIT)."""
-
-    channel_class = _Channel
-
-    def __init__(
-        self, *args: Any, on_dropped: Callable[[str, str], None] | None = None, **kwargs: Any
-    ) -> None:
-        self.on_dropped = on_dropped or (lambda client, why: None)
-        self.request_deadline_s = REQUEST_DEADLINE_S
-        self.connection_limit = CONNECTION_LIMIT
-        super().__init__(*args, **kwargs)
-
-    def _channels(self) -> list[_Channel]:
-        """The open connections not already being closed."""
-        return [
-            channel
-            for channel in list(self.active_channels.values())
-            if isinstance(channel, _Channel) and not channel.will_close
-        ]
-
-    def maintenance(self, now: float) -> None:
-        super().maintenance(now)  # idle connections (channel_timeout)
-        cutoff = now - self.request_deadline_s
-        for channel in self._channels():
-            if channel.drain_until is not None and now > channel.drain_until:
-                channel.will_close = True
-                channel.drain_until = None
-                channel.linger_on_close = False
-            elif (
-                channel.request_started is not None
-                and channel.request_started < cutoff
-                and not channel.requests
-                and not channel.will_close
-            ):
-                self._drop(channel, f"no whole request within {self.request_deadline_s:g} s")
-
-    def readable(self) -> bool:
-        if self.accepting:
-            self._make_room()
-        return super().readable()
-
-    def _make_room(self) -> None:
-        channels = self._channels()
-        excess = len(channels) - self.connection_limit + 1
-        if excess <= 0:
-            return
-        waiting = sorted(
-            (since, id(channel), channel)
-            for channel in channels
-            if (since := channel.waiting_since()) is not None
-        )
-        for _since, _id, channel in waiting[:excess]:
-            self._drop(channel, f"{self.connection_limit} connections open: the oldest waiting")
-
-    def _drop(self, channel: _Channel, why: str) -> None:
-        channel.will_close = True
-        channel.linger_on_close = False
-        channel.drain_until = None
-        self.on_dropped(str(channel.addr[0]) if channel.addr else "", why)
-
-
-class ReceiverServer:
-    """The app under waitress, in a thread of its own; ``stop()`` from any thread."""
-
-    def __init__(
-        self,
-        app: Flask,
-        host: str,
-        port: int,
-        max_body_bytes: int,
-        threads: int = SERVER_THREADS,
-        on_dropped: Callable[[str, str], None] | None = None,
-        connection_limit: int = CONNECTION_LIMIT,
-        request_deadline_s: float = REQUEST_DEADLINE_S,
-    ) -> None:
-        adj = Adjustments(
-            host=host,
-            port=port,
-            threads=threads,
-            max_request_body_size=max_body_bytes,
-            channel_timeout=IDLE_TIMEOUT_S,
-            cleanup_interval=1,  # how often deadlines are checked
-            # waitress's own limit only if making room cannot keep up.
-            connection_limit=connection_limit + 16,
-            asyncore_use_poll=True,  # select() fails past 1024 descriptors
-            ident="esp32-receiver",
-        )
-        dispatcher = ThreadedTaskDispatcher()
-        dispatcher.set_thread_count(threads)
-        self._server = _Server(
-            app,
-            {},
-            True,
-            None,
-            dispatcher=dispatcher,
-            adj=adj,
-            sockinfo=adj.listen[0],
-            on_dropped=on_dropped,
-        )
-        self._server.connection_limit = connection_limit
-        self._server.request_deadline_s = request_deadline_s
-        self.host = host
-        self.port = int(self._server.effective_port)
-        self._thread = threading.Thread(target=self._server.run, name="waitress", daemon=True)
-
-    def start(self) -> ReceiverServer:
-        self._thread.start()
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop listening, let the requests under way finish, close, join."""
-        server = self._server
-        if not self._thread.is_alive():
-            return
-        # Thunks run in waitress's own loop thread: nothing else touches its sockets.
-        server.trigger.pull_trigger(lambda: setattr(server, "accepting", False))
-        dispatcher = server.task_dispatcher
-        deadline = time.monotonic() + timeout_s
-        while (dispatcher.queue or dispatcher.active_count) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-        def close_all() -> None:
-            for channel in list(server._map.values()):
-                if isinstance(channel, _Channel):
-                    channel.close_now()
-                elif isinstance(channel, HTTPChannel):
-                    channel.handle_close()
-            server.close()  # the listening socket and the trigger: the loop ends
-
-        server.trigger.pull_trigger(close_all)
-        self._thread.join(timeout_s)
-        dispatcher.shutdown(cancel_pending=True, timeout=timeout_s)
 
 
 # --- Running it ---------------------------------------------------------------------------

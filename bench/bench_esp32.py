@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from esp32_receiver import SERVER_THREADS  # noqa: E402
+from esp32_http import SERVER_THREADS  # noqa: E402
 from harness.carbon import free_port  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"

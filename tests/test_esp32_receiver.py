@@ -26,16 +26,15 @@ from esp32_accounting import (
     MeterReading,
     estimate_power_watts,
 )
+from esp32_http import ReceiverServer
+from esp32_readings import BadReading, parse_body
 from esp32_receiver import (
     SOURCE,
-    BadReading,
     MeterReceiver,
-    ReceiverServer,
     TokenCheck,
     check_tokens,
     create_app,
     energy_timestamp,
-    parse_body,
     sample_timestamp,
 )
 from graphite_helper import is_valid_line
