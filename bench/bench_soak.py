@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -69,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
 from harness.carbon import CarbonNotFoundError, CarbonServer  # noqa: E402
+from harness.disk import fill_until_full  # noqa: E402
 from spool import SEGMENT_NAME  # noqa: E402
 
 POLLED = ("kasa", "tuya", "circuit")
@@ -230,18 +230,7 @@ class StateDisk:
     def top_up(self) -> None:
         if not self.full:
             return
-        descriptor = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            chunk = 1 << 20
-            while chunk >= 512:
-                try:
-                    os.write(descriptor, b"\0" * chunk)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    chunk //= 2
-        finally:
-            os.close(descriptor)
+        fill_until_full(self.filler)
 
     def free(self) -> None:
         self.full = False

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.disk import fill_until_full
 from kasa_energy import SmartEnergyTotals
 from mqtt_glow import RegisterGuard
 from spool import Spool
@@ -38,18 +39,7 @@ class FullDisk:
         self.inode_fillers: list[Path] = []
 
     def fill(self, inodes: bool = True) -> None:
-        descriptor = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            chunk = 1 << 16
-            while chunk >= 512:
-                try:
-                    os.write(descriptor, b"\0" * chunk)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    chunk //= 2
-        finally:
-            os.close(descriptor)
+        fill_until_full(self.filler, first_chunk_bytes=1 << 16)
         for number in range(1000 if inodes else 0):  # the inodes too: small files
             path = self.mount_point / f"inode-{number}"
             try:
