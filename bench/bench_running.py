@@ -7,8 +7,9 @@ five collectors take on a small machine.
    carbon-c-relay to two carbon-caches: milliseconds per batch and lines/s.
 2. Failover: what a batch costs when the first destination refuses
    connections, or hangs (accepts, never reads; CARBON_TIMEOUT_S = 1 s here).
-3. Footprint: the five collectors against the demo's simulated home (demo.py)
-   for --seconds: resident memory (now and peak) and CPU time of each process.
+3. Footprint: the five collectors against the simulated home at the demo's
+   5 s interval (simulators/home_live.py) for --seconds: resident memory
+   (now and peak) and CPU time of each process.
 
 Real servers on loopback only. Prints figures; see bench/README.md.
 
@@ -29,11 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import demo  # noqa: E402
 from carbon_client import CarbonClient  # noqa: E402
 from graphite_helper import format_line  # noqa: E402
 from harness.carbon import CarbonServer, free_port, terminate  # noqa: E402
 from harness.relay import CarbonRelay  # noqa: E402
+from simulators.home_live import (  # noqa: E402
+    start_source_collector,
+    start_sources,
+    write_home_config,
+)
+
+INTERVAL_S = 5.0  # the demo's
 
 
 def batch(size: int, offset: int) -> list[str]:
@@ -116,23 +123,22 @@ def process_figures(pid: int) -> tuple[float, float, float]:
 
 
 def footprint(work: Path, seconds: float) -> None:
-    print(f"3. the five collectors against the demo's home for {seconds:g} s")
+    print(f"3. the five collectors against the simulated home for {seconds:g} s")
     with contextlib.ExitStack() as stack:
         carbon = stack.enter_context(CarbonServer(work / "carbon"))
-        sources = demo.start_sources(stack, work)
+        home, sources = start_sources(stack, work, INTERVAL_S, print)
         config = work / "config_local.py"
-        demo.write_config(config, carbon, sources)
+        write_home_config(config, carbon.line_address, sources, INTERVAL_S)
         (work / "logs").mkdir()
         running = [
-            demo.start_collector(source, config, work / "state", work / "logs")
+            start_source_collector(source, config, work / "state", work / "logs")
             for source in sources
         ]
         try:
             started = time.time()
             warm: dict[int, tuple[float, float]] = {}  # pid -> (time, CPU s) after start-up
             while time.time() - started < seconds:
-                for source in sources:
-                    source.tick(time.time() - started)
+                home.tick(time.time() - started)
                 if not warm and time.time() - started >= seconds / 4:
                     warm = {
                         item.process.pid: (time.time(), process_figures(item.process.pid)[2])
@@ -142,13 +148,13 @@ def footprint(work: Path, seconds: float) -> None:
                 time.sleep(1)
             for item in running:
                 if item.process.poll() is not None or item.process.pid not in warm:
-                    print(f"  {item.source.name}: exited early, see {item.log_path}")
+                    print(f"  {item.name}: exited early, see {item.log_path}")
                     continue
                 rss, peak, cpu_s = process_figures(item.process.pid)
                 warm_at, warm_cpu_s = warm[item.process.pid]
                 steady = (cpu_s - warm_cpu_s) / (time.time() - warm_at)
                 print(
-                    f"  {item.source.name:8} RSS {rss:6.1f} MiB (peak {peak:6.1f}), "
+                    f"  {item.name:8} RSS {rss:6.1f} MiB (peak {peak:6.1f}), "
                     f"CPU {cpu_s:5.2f} s in all, {100 * steady:4.2f} % of one core once started"
                 )
         finally:

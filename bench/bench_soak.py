@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak: the five collectors against the simulated home while everything fails.
 
-All five collectors (demo.py's simulated home: Kasa, Tuya, ESP32, MQTT via a
+All five collectors (the simulated home, simulators/home_live.py: Kasa, Tuya, ESP32, MQTT via a
 real Mosquitto, Modbus circuit meters) run as processes at a 1 s interval,
 sending through a fault proxy in front of a real carbon-cache. Three
 schedules play at once:
@@ -66,9 +66,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import demo  # noqa: E402
-from harness.carbon import CarbonNotFoundError, CarbonServer  # noqa: E402
+from harness.carbon import (  # noqa: E402
+    CarbonNotFoundError,
+    CarbonServer,
+    terminate,
+)
+from harness.collectors import Running  # noqa: E402
 from harness.disk import fill_until_full  # noqa: E402
+from simulators.home_live import (  # noqa: E402
+    SOURCE_NAMES,
+    HomeSource,
+    start_source_collector,
+    start_sources,
+    write_home_config,
+)
 from spool import SEGMENT_NAME  # noqa: E402
 
 POLLED = ("kasa", "tuya", "circuit")
@@ -257,13 +268,13 @@ class Fault:
     played: list[tuple[float, float]] = field(default_factory=list)  # (began, ended) wall time
 
 
-def device_faults(sources: list[demo.Source], disk: StateDisk | None) -> list[Fault]:
+def device_faults(sources: list[HomeSource], disk: StateDisk | None) -> list[Fault]:
     """The home's fault schedule, for the sources that run here."""
     controls = {source.name: source.controls for source in sources}
     faults = []
     kasa = controls.get("kasa")
     if kasa:
-        kettle, fridge = kasa["kettle"], kasa["fridge"]
+        kettle, office = kasa["Kettle"], kasa["Office"]
         faults.append(
             Fault(
                 "Kasa plug hangs",
@@ -280,10 +291,10 @@ def device_faults(sources: list[demo.Source], disk: StateDisk | None) -> list[Fa
                 "Kasa plug off the network",
                 65,
                 10,
-                lambda: setattr(fridge, "mode", "refuse"),
-                lambda: setattr(fridge, "mode", "normal"),
+                lambda: setattr(office, "mode", "refuse"),
+                lambda: setattr(office, "mode", "normal"),
                 "kasa",
-                ("kasa.fridge",),
+                ("kasa.office",),
             )
         )
     tuya = controls.get("tuya")
@@ -308,12 +319,12 @@ def device_faults(sources: list[demo.Source], disk: StateDisk | None) -> list[Fa
                 simulator.stop,
                 simulator.start,
                 "tuya",
-                ("tuya.washing_machine", "tuya.dishwasher"),
+                ("tuya.washing_machine", "tuya.freezer"),
             )
         )
     circuit = controls.get("circuit")
     if circuit:
-        heat_pump, gateway = circuit["heat pump"], circuit["gateway"]
+        heat_pump, gateway = circuit["Heat pump"], circuit["gateway"]
         faults.append(
             Fault(
                 "Modbus meter silent",
@@ -373,23 +384,22 @@ def missing_boundaries(stamps: list[int], down: list[tuple[float, float]]) -> tu
 class Collector:
     """A collector process and its life: when it was killed, its logs."""
 
-    source: demo.Source
-    running: demo.Running
+    source: HomeSource
+    running: Running
     logs: list[Path] = field(default_factory=list)
     kills: list[float] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     crashes: list[str] = field(default_factory=list)
 
 
-def start(source: demo.Source, config: Path, state: Path, logs: Path, count: int) -> demo.Running:
-    """A collector, with a log of its own for each start (demo's start truncates)."""
+def start(source: HomeSource, config: Path, state: Path, logs: Path, count: int) -> Running:
+    """A collector, with a log of its own for each start (the start truncates its log)."""
     directory = logs / f"{source.name}.{count:03d}"
     directory.mkdir()
-    return demo.start_collector(source, config, state, directory)
+    return start_source_collector(source, config, state, directory)
 
 
 def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work: Path) -> int:
-    demo.INTERVAL_S = 1.0
     stack = contextlib.ExitStack()
     with stack:
         try:
@@ -408,22 +418,20 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
                 stack.callback(disk.unmount)
             except (OSError, subprocess.CalledProcessError) as exc:
                 print(f"# state disk full: not played (tmpfs mount failed: {exc})")
-        sources = demo.start_sources(stack, work)
+        home, sources = start_sources(stack, work, 1.0, print)
         config = work / "config_local.py"
-        demo.write_config(config, proxy, sources)  # type: ignore[arg-type]
+        write_home_config(config, proxy.line_address, sources, 1.0)
         with open(config, "a") as extra:
             extra.write("CARBON_TIMEOUT_S = 2.0\nMQTT_FLUSH_INTERVAL_S = 1.0\n")
             # A Modbus bus carries one request at a time: a silent meter holds it
             # for this long, which must fit in the 1 s cycle beside its neighbours.
             extra.write("CIRCUIT_MODBUS_TIMEOUT_S = 0.4\n")
         logs.mkdir()
-        for source in sources:
-            source.tick(0.0)
         starts = defaultdict(int)
         collectors = {}
         for source in sources:
             collectors[source.name] = Collector(source, start(source, config, state, logs, 0))
-        stack.callback(lambda: [demo.terminate(c.running.process, 30) for c in collectors.values()])
+        stack.callback(lambda: [terminate(c.running.process, 30) for c in collectors.values()])
         tailer = SpoolTailer(state)
         stack.callback(tailer.stop)
         faults = device_faults(sources, disk)
@@ -439,8 +447,7 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
             flush=True,
         )
         while (elapsed := time.time() - started) < duration_s:
-            for source in sources:
-                source.tick(elapsed)
+            home.tick(elapsed)
             into = elapsed % schedule_s
             mode = next(m for m, until in _ends(SCHEDULE) if into < until)
             if mode != proxy.mode:
@@ -495,7 +502,7 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
         proxy.mode = "answering"
         ended = time.time()
         for item in collectors.values():  # SIGTERM: each stops; the spool keeps the rest
-            demo.terminate(item.running.process, timeout_s=30)
+            terminate(item.running.process, timeout_s=30)
         tailer.stop()
         # What is left in the spools goes out at the next start: start them
         # once more and let them catch up.
@@ -504,7 +511,7 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
             item.running = start(item.source, config, state, logs, starts[name])
         code = verify(carbon, tailer, collectors, faults, figures, started, ended)
         code = max(code, check_logs(logs, collectors, faults))
-        skipped = [name for name in demo.SOURCE_NAMES if name not in collectors]
+        skipped = [name for name in SOURCE_NAMES if name not in collectors]
         if skipped:  # a collector that did not run proves nothing
             print(f"not played (their simulators did not start): {', '.join(skipped)}")
             code = 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
@@ -88,18 +87,6 @@ def test_demo_leaves_a_chart_logs_and_its_settings(demo_run) -> None:
     assert all(ipaddress.ip_address(address).is_loopback for address in addresses), config
 
 
-def test_settings_in_the_environment_never_reach_the_collectors(monkeypatch) -> None:
-    monkeypatch.setenv("CARBON_HOST", "192.168.86.123")
-    monkeypatch.setenv("KASA_HOSTS", "192.168.86.40")
-    monkeypatch.setenv("ELECTRICITY_STATE_DIR", "/var/lib/home")
-    monkeypatch.setenv("ELECTRICITY_CONFIG", "/home/pi/config_local.py")
-    monkeypatch.setenv("LANG", "C.UTF-8")
-    env = demo.collector_environment()
-    for name in ("CARBON_HOST", "KASA_HOSTS", "ELECTRICITY_STATE_DIR", "ELECTRICITY_CONFIG"):
-        assert name not in env
-    assert env["LANG"] == "C.UTF-8"
-
-
 @pytest.mark.parametrize(
     ("path", "source"),
     [
@@ -128,30 +115,6 @@ def test_summary_and_progress() -> None:
     assert line == " 12/60 s  series/points: kasa 1/2  tuya 0/0"
 
 
-def test_the_simulated_home_adds_up() -> None:
-    for elapsed_s in (0, 10, 25, 45):
-        loads = demo.appliance_watts(elapsed_s)
-        assert all(watts >= 0 for watts in loads.values())
-        assert demo.house_watts(elapsed_s) == pytest.approx(demo.BASE_LOAD_W + sum(loads.values()))
-    counter = demo.EnergyCounter(10.0)
-    counter.add(3600.0, 0)
-    assert counter.add(3600.0, 1800) == pytest.approx(11.8)  # 3.6 kW for half an hour
-
-
-def test_without_mosquitto_the_demo_says_how_to_get_it(monkeypatch, tmp_path: Path) -> None:
-    from harness.mosquitto import MosquittoBroker, MosquittoNotFoundError
-
-    def missing(self):
-        raise MosquittoNotFoundError("mosquitto not found")
-
-    monkeypatch.setattr(MosquittoBroker, "start", missing)
-    with (
-        contextlib.ExitStack() as stack,
-        pytest.raises(demo.Unavailable, match="apt install mosquitto"),
-    ):
-        demo.mqtt_source(stack, tmp_path)
-
-
 def test_without_carbon_the_demo_says_how_to_get_it(monkeypatch, tmp_path: Path, capsys) -> None:
     def missing(self):
         raise CarbonNotFoundError("carbon-cache not found: `apt-get install graphite-carbon`")
@@ -159,25 +122,3 @@ def test_without_carbon_the_demo_says_how_to_get_it(monkeypatch, tmp_path: Path,
     monkeypatch.setattr(demo.CarbonServer, "start", missing)
     assert demo.run(1, tmp_path) == 2
     assert "apt-get install graphite-carbon" in capsys.readouterr().err
-
-
-def test_a_source_that_cannot_start_is_skipped_with_one_line(
-    monkeypatch, tmp_path: Path, capsys
-) -> None:
-    def broken(stack, work):
-        raise FileNotFoundError("devices.json is missing")
-
-    def working(stack, work):
-        return demo.Source(
-            name="kasa", script="kasa_to_graphite.py", args=[], what="plugs", tick=lambda s: None
-        )
-
-    monkeypatch.setattr(demo, "SOURCES", [broken, working])
-    monkeypatch.setattr(demo, "SOURCE_NAMES", ["tuya", "kasa"])
-    with contextlib.ExitStack() as stack:
-        started = demo.start_sources(stack, tmp_path)
-    assert [source.name for source in started] == ["kasa"]
-    said = capsys.readouterr().err.splitlines()
-    assert [line for line in said if "tuya" in line] == [
-        "  tuya     skipped: it did not start: FileNotFoundError: devices.json is missing"
-    ]

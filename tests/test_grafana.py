@@ -3,7 +3,7 @@
 The dashboard validates against Grafana's JSON Schema; every query of every
 panel and alert rule runs against a real graphite-web and carbon-cache
 (graphite/'s storage configs) that the real collectors filled from a
-simulated home (tools/render_dashboard_png.SimulatedHome), and the numbers
+simulated home (simulators/home_history.py), and the numbers
 that come back are checked against what the simulated devices did.
 """
 
@@ -36,12 +36,11 @@ from simulators.home import (
     GLOW_ID,
     LAMP_SILENT_S,
     NESTED_DEVICES,
-    SimulatedHome,
     device_loads,
-    filled_graphite,
     house_load,
     unmonitored_load,
 )
+from simulators.home_history import SimulatedHome, filled_graphite
 from tools import build_dashboard
 from tools.render_dashboard_png import device_table
 

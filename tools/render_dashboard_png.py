@@ -6,7 +6,7 @@ that the real collectors filled from a simulated home.
 
 Starts carbon-cache (with graphite/'s storage configs), graphite-web and
 Mosquitto on loopback in a temporary directory, fills them with the
-simulated home's backdated history (simulators/home.py, which
+simulated home's backdated history (simulators/home_history.py, which
 tests/test_grafana.py uses too), then draws the figures from graphite-web's
 JSON renders of the dashboard's own queries
 (grafana/dashboards/home-electricity.json). Nothing leaves 127.0.0.0/8.
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script: the project's modules are one 
     sys.path.insert(0, str(ROOT))
 
 from harness.graphite_web import GraphiteWeb  # noqa: E402
-from simulators.home import filled_graphite  # noqa: E402
+from simulators.home_history import filled_graphite  # noqa: E402
 from tools import build_dashboard  # noqa: E402
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "home-electricity.json"
