@@ -36,11 +36,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from esp32_http import SERVER_THREADS
+from harness.carbon import free_port
 
-from esp32_http import SERVER_THREADS  # noqa: E402
-from harness.carbon import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOKEN = "bench-token-0123456789abcdef"
 MAX_BODY_BYTES = 65536

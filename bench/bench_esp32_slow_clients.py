@@ -31,12 +31,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.bench_esp32 import stop, wait_listening
+from esp32 import pulse_logic
+from harness.carbon import free_port
 
-from bench.bench_esp32 import stop, wait_listening  # noqa: E402
-from esp32 import pulse_logic  # noqa: E402
-from harness.carbon import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOKEN = "bench-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import circuit_model
+from harness.graphite_web import GraphiteWeb
+from tools import build_dashboard
 
-import circuit_model  # noqa: E402
-from harness.graphite_web import GraphiteWeb  # noqa: E402
-from tools import build_dashboard  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "home-electricity.json"
 PLUG_METRICS = ("power_watts", "voltage_volts", "current_amps", "energy_kwh", "is_on")

@@ -45,8 +45,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench_sending import serve_discard, start_child, stop_child
 
 import collector

@@ -33,10 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness.mosquitto import MosquittoBroker
 
-from harness.mosquitto import MosquittoBroker  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEVICES = 100
 LINES_PER_MESSAGE = 6  # the tasmota preset's figures

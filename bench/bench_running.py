@@ -27,18 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from carbon_client import CarbonClient  # noqa: E402
-from graphite_helper import format_line  # noqa: E402
-from harness.carbon import CarbonServer, free_port, terminate  # noqa: E402
-from harness.relay import CarbonRelay  # noqa: E402
-from simulators.home_live import (  # noqa: E402
+from carbon_client import CarbonClient
+from graphite_helper import format_line
+from harness.carbon import CarbonServer, free_port, terminate
+from harness.relay import CarbonRelay
+from simulators.home_live import (
     start_source_collector,
     start_sources,
     write_home_config,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INTERVAL_S = 5.0  # the demo's
 

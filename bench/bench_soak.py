@@ -63,24 +63,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from harness.carbon import (  # noqa: E402
+from harness.carbon import (
     CarbonNotFoundError,
     CarbonServer,
     terminate,
 )
-from harness.collectors import Running  # noqa: E402
-from harness.disk import fill_until_full  # noqa: E402
-from simulators.home_live import (  # noqa: E402
+from harness.collectors import Running
+from harness.disk import fill_until_full
+from simulators.home_live import (
     SOURCE_NAMES,
     HomeSource,
     start_source_collector,
     start_sources,
     write_home_config,
 )
-from spool import SEGMENT_NAME  # noqa: E402
+from spool import SEGMENT_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
 
 POLLED = ("kasa", "tuya", "circuit")
 # One minute of Carbon faults, repeated: (mode, seconds).

@@ -34,14 +34,13 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import collector
+from runtime import DryRunSink, Runtime
+from settings import load_settings
+from simulators.tuya import PLUG_MAPPING
+from tuya_to_graphite import TuyaCollector
 
-import collector  # noqa: E402
-from runtime import DryRunSink, Runtime  # noqa: E402
-from settings import load_settings  # noqa: E402
-from simulators.tuya import PLUG_MAPPING  # noqa: E402
-from tuya_to_graphite import TuyaCollector  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEVICES = 50
 VERSIONS = ("3.1", "3.3", "3.4", "3.5")

@@ -152,6 +152,9 @@ if [ -z "$prefix" ]; then
         as_user "$python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
         echo "$want" | as_user tee "$stamp" >/dev/null
     fi
+    # The checkout on the venv's import path (tools/build_dashboard.py imports settings).
+    as_user "$python" -c 'import pathlib, sys, sysconfig
+pathlib.Path(sysconfig.get_paths()["purelib"], "electricity.pth").write_text(sys.argv[1] + "\n")' "$ROOT"
     # The service sees the checkout read-only: compile the modules now.
     as_user "$python" -m compileall -q -l "$ROOT" >/dev/null || true
 fi

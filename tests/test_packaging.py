@@ -115,3 +115,21 @@ def test_tests_share_helpers_through_the_helpers_module_not_conftest() -> None:
         text=True,
     ).stdout
     assert found == ""
+
+
+@pytest.mark.slow
+def test_scripts_import_the_project_without_editing_sys_path() -> None:
+    """bench/ and tools/ find the collectors' modules through the venv's
+    electricity.pth (written by ./electricity setup and systemd/install.sh)."""
+    found = subprocess.run(
+        ["git", "grep", "-n", "sys.path.insert", "--", "*.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    # The firmware test hands MicroPython a script that sets its own path.
+    assert [
+        line
+        for line in found
+        if not line.startswith(("tests/test_esp32_firmware.py:", "tests/test_packaging.py:"))
+    ] == []

@@ -27,11 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: the project's modules are one level up
-    sys.path.insert(0, str(ROOT))
+from settings import ConfigError, load_settings
 
-from settings import ConfigError, load_settings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DASHBOARD_UID = "home-electricity"
 DASHBOARD_FILE = Path("dashboards") / "home-electricity.json"

@@ -24,13 +24,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: the project's modules are one level up
-    sys.path.insert(0, str(ROOT))
+from harness.graphite_web import GraphiteWeb
+from simulators.home_history import filled_graphite
+from tools import build_dashboard
 
-from harness.graphite_web import GraphiteWeb  # noqa: E402
-from simulators.home_history import filled_graphite  # noqa: E402
-from tools import build_dashboard  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "home-electricity.json"
 OUTPUT = ROOT / "docs" / "dashboard.png"
