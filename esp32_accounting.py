@@ -214,19 +214,10 @@ class MeterAccounts:
             silent_ms, count_since_ms = 0, reading.uptime_ms
         else:
             silent_ms, count_since_ms = reading.uptime_ms, 0  # no pulse since boot
-        power = estimate_power_watts(
-            reading.imp_per_kwh,
-            reading.last_interval_ms,
-            0,  # a whole boot is no window for an average
-            0,
-            None,
-            silent_ms,
-            self.idle_timeout_ms,
-            self.max_power_watts,
-        )
-        refused = self._implausible_power(reading, power)
-        if refused is not None:
-            return refused
+        # A whole boot is no window for an average: no new pulses, no window.
+        power = self._power(reading, reading.imp_per_kwh, 0, 0, None, silent_ms)
+        if isinstance(power, Applied):
+            return power
         device.add_boot(
             Boot(
                 boot_id=reading.boot_id,
@@ -256,29 +247,40 @@ class MeterAccounts:
             window_ms, silent_ms = reading.uptime_ms - boot.count_since_ms, 0
         else:
             window_ms, silent_ms = 0, reading.uptime_ms - boot.count_since_ms
-        power = estimate_power_watts(
-            boot.imp_per_kwh,
-            reading.last_interval_ms,
-            new_pulses,
-            window_ms,
-            boot.power_watts,
-            silent_ms,
-            self.idle_timeout_ms,
-            self.max_power_watts,
+        power = self._power(
+            reading, boot.imp_per_kwh, new_pulses, window_ms, boot.power_watts, silent_ms
         )
-        refused = self._implausible_power(reading, power)
-        if refused is not None:
-            return refused
+        if isinstance(power, Applied):
+            return power
         boot.seq, boot.uptime_ms, boot.power_watts = reading.seq, reading.uptime_ms, power
         if new_pulses > 0:
             boot.pulses, boot.count_since_ms = reading.pulses_total, reading.uptime_ms
         return Applied(ACCEPTED, power_watts=power)
 
-    def _implausible_power(self, reading: MeterReading, power: float | None) -> Applied | None:
-        """Refuses a reading whose pulse interval means more than the maximum
-        power (a bounce on the LED line, or a garbled field): nothing of it counts."""
+    def _power(
+        self,
+        reading: MeterReading,
+        imp_per_kwh: float,
+        new_pulses: int,
+        window_ms: float,
+        previous_watts: float | None,
+        silent_ms: float,
+    ) -> float | Applied | None:
+        """The power this reading shows, or the refusal of a reading whose pulse
+        interval means more than the maximum power (a bounce on the LED line,
+        or a garbled field): nothing of it counts."""
+        power = estimate_power_watts(
+            imp_per_kwh,
+            reading.last_interval_ms,
+            new_pulses,
+            window_ms,
+            previous_watts,
+            silent_ms,
+            self.idle_timeout_ms,
+            self.max_power_watts,
+        )
         if power is None or power <= self.max_power_watts:
-            return None
+            return power
         return Applied(
             IMPLAUSIBLE,
             reason=f"last_interval_ms {reading.last_interval_ms:g} means {power:.4g} W,"

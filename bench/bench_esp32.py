@@ -38,6 +38,7 @@ from pathlib import Path
 
 from esp32_http import SERVER_THREADS
 from harness.carbon import free_port
+from harness.collectors import script_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,9 +270,8 @@ def main() -> None:
             "ESP32_MAX_DEVICES": "1000",
             "ELECTRICITY_CONFIG": str(empty_config),
         }
-        argv = [
-            sys.executable,
-            str(ROOT / "esp32_receiver.py"),
+        argv = script_command(
+            "esp32_receiver.py",
             "--bind",
             "127.0.0.1",
             "--port",
@@ -282,7 +282,7 @@ def main() -> None:
             str(Path(work) / "state"),
             "--interval",
             "1",
-        ]
+        )
         with open(Path(work) / "receiver.log", "w") as log:
             receiver = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=log)
         try:

@@ -34,6 +34,7 @@ from pathlib import Path
 from bench.bench_esp32 import stop, wait_listening
 from esp32 import pulse_logic
 from harness.carbon import free_port
+from harness.collectors import script_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,9 +119,8 @@ def main() -> int:
         empty_config.touch()
         port = free_port()
         env = {**os.environ, "ESP32_TOKEN": TOKEN, "ELECTRICITY_CONFIG": str(empty_config)}
-        argv = [
-            sys.executable,
-            str(ROOT / "esp32_receiver.py"),
+        argv = script_command(
+            "esp32_receiver.py",
             "--bind",
             "127.0.0.1",
             "--port",
@@ -128,7 +128,7 @@ def main() -> int:
             "--dry-run",
             "--state-dir",
             str(Path(work) / "state"),
-        ]
+        )
         receiver = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

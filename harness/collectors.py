@@ -65,19 +65,16 @@ class Running:
     reported: bool = False
 
 
+def script_command(script: str, *args: str) -> list[str]:
+    """How a script of this repository runs here: this Python, the script's file."""
+    return [sys.executable, str(ROOT / script), *args]
+
+
 def start_collector(
     name: str, script: str, args: Sequence[str], config: Path, state_dir: Path, log_path: Path
 ) -> Running:
     """``script`` (a file in this repository) with ``config`` and ``state_dir``."""
     log_path.write_bytes(b"")
-    command = [
-        sys.executable,
-        str(ROOT / script),
-        "--config",
-        str(config),
-        "--state-dir",
-        str(state_dir),
-        *args,
-    ]
+    command = script_command(script, "--config", str(config), "--state-dir", str(state_dir), *args)
     process = spawn(command, log_path, env=collector_environment(), cwd=ROOT)
     return Running(name, process, log_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import kasa_to_graphite
 import settings as settings_module
 import tuya_to_graphite
 from harness.carbon import CarbonServer, free_port, spawn, terminate
-from harness.collectors import collector_environment
+from harness.collectors import collector_environment, script_command
 from harness.graphite_web import GraphiteWeb
 from harness.mosquitto import MosquittoBroker
 from runtime import Runtime, build_parser
@@ -136,14 +135,7 @@ class SimulatedHome:
             self.config_file,
         )
         self.processes["esp32"] = spawn(
-            [
-                sys.executable,
-                str(ROOT / "esp32_receiver.py"),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            script_command("esp32_receiver.py", "--bind", "127.0.0.1", "--port", str(port)),
             self.work_dir / "esp32_receiver.log",
             env=env,
             cwd=ROOT,
@@ -168,12 +160,9 @@ class SimulatedHome:
             self.config_file,
         )
         self.processes["mqtt"] = spawn(
-            [
-                sys.executable,
-                str(ROOT / "mqtt_to_graphite.py"),
-                "--broker",
-                f"{self.broker.host}:{self.broker.port}",
-            ],
+            script_command(
+                "mqtt_to_graphite.py", "--broker", f"{self.broker.host}:{self.broker.port}"
+            ),
             self.work_dir / "mqtt_to_graphite.log",
             env=env,
             cwd=ROOT,
@@ -297,7 +286,7 @@ class SimulatedHome:
         env = collector_environment(self._collector_settings(), self.config_file)
         started = {
             cls.source: spawn(
-                [sys.executable, str(ROOT / f"{cls.source}_to_graphite.py"), "--once"],
+                script_command(f"{cls.source}_to_graphite.py", "--once"),
                 self.work_dir / f"{cls.source}-once.log",
                 env=env,
                 cwd=ROOT,
