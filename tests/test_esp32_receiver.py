@@ -31,12 +31,11 @@ from esp32_readings import BadReading, parse_body
 from esp32_receiver import (
     SOURCE,
     MeterReceiver,
-    TokenCheck,
-    check_tokens,
     create_app,
     energy_timestamp,
     sample_timestamp,
 )
+from esp32_tokens import TokenCheck, check_tokens
 from graphite_helper import is_valid_line
 from runtime import EXIT_CONFIG, EXIT_NO_DEVICE, Runtime
 from settings import ConfigError, load_settings
