@@ -3,7 +3,6 @@ script as users run it, in its own process and environment."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,20 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from harness.carbon import CarbonServer
+from harness.collectors import collector_environment as environment_without_settings
 from tuya_devicefile import DeviceEntry, parse_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def collector_environment(tmp_path: Path, config: str = "", **extra: str) -> dict[str, str]:
-    """The environment for a collector process: its own config_local.py holding
-    ``config`` (never a developer's own), the state dir in tmp_path, then
-    ``extra`` settings."""
+    """The environment for a collector process: no setting of the developer's
+    shell, its own config_local.py holding ``config`` (never a developer's
+    own), the state dir in tmp_path, then ``extra`` settings."""
     local = tmp_path / "config_local.py"
     local.write_text(config)
     return {
-        **os.environ,
-        "ELECTRICITY_CONFIG": str(local),
+        **environment_without_settings(config_file=local),
         "ELECTRICITY_STATE_DIR": str(tmp_path / "state"),
         **extra,
     }
