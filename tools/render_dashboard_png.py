@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.graphite_web import GraphiteWeb
@@ -96,32 +97,54 @@ def _legend(ax) -> None:
         text.set_color(TEXT)
 
 
-def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
-    """The dashboard's key panels, drawn with matplotlib from graphite-web's JSON."""
-    import matplotlib
+def device_table(series: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """What the table panel's transformations make of its series: the last
+    value of each, its name's key=value pairs pivoted into {device: {column: value}}."""
+    table: dict[str, dict[str, float]] = {}
+    for item in series:
+        fields = dict(pair.split("=", 1) for pair in item["target"].split(","))
+        last = _last([item])
+        if last is not None:
+            table.setdefault(fields["device"], {})[fields["column"]] = last
+    return table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    now = datetime.datetime.now().astimezone()
-    window = (now - datetime.timedelta(hours=hours), now)
-    currency = {"currencyGBP": "£", "currencyEUR": "€", "currencyUSD": "$"}
-    cost_panel = next(p for p in dashboard["panels"] if p["title"] == "Cost today")
-    money = currency.get(cost_panel["fieldConfig"]["defaults"]["unit"], "")
-    figure = plt.figure(figsize=(16, 13), facecolor=BACKGROUND)
-    grid = figure.add_gridspec(
-        4,
-        6,
-        height_ratios=[0.42, 1, 1.15, 1],
-        hspace=0.42,
-        wspace=0.35,
-        left=0.04,
-        right=0.99,
-        top=0.94,
-        bottom=0.03,
-    )
+@dataclass
+class Canvas:
+    """What every panel is drawn from: graphite-web, the dashboard, the moment."""
 
-    # Stat tiles
+    web: GraphiteWeb
+    dashboard: dict
+    now: datetime.datetime
+    hours: float
+    money: str  # the currency sign of the cost panels
+
+    @property
+    def window(self) -> tuple[datetime.datetime, datetime.datetime]:
+        return (self.now - datetime.timedelta(hours=self.hours), self.now)
+
+    def render(self, title: str) -> list[dict]:
+        return _render(self.web, self.dashboard, title, self.now)
+
+
+def _table(ax, cells: list[list[str]], labels: list[str], fontsize: float, height: float):
+    """A table in Grafana's colours, or None when there is nothing to show."""
+    if not cells:
+        return None
+    drawn = ax.table(cellText=cells, colLabels=labels, loc="upper center")
+    drawn.auto_set_font_size(False)
+    drawn.set_fontsize(fontsize)
+    drawn.scale(1, height)
+    for cell in drawn.get_celld().values():
+        cell.set_facecolor(PANEL)
+        cell.set_edgecolor(GRID)
+        cell.get_text().set_color(TEXT)
+    return drawn
+
+
+def draw_tiles(canvas: Canvas, figure, grid) -> None:
+    """The stat tiles along the top, and a note on what is drawn."""
+    money = canvas.money
     tiles = [
         ("Whole house now", "W", 0),
         ("Used today", "kWh", 2),
@@ -136,7 +159,7 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
-        series = _render(web, dashboard, title, now)
+        series = canvas.render(title)
         values = [(s["target"], _last([s])) for s in series if _last([s]) is not None]
         text = "   ".join(
             (f"{money}{v:,.{decimals}f}" if unit == money else f"{v:,.{decimals}f} {unit}")
@@ -149,32 +172,32 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
         ax.set_title(title, color=TEXT, fontsize=10, loc="left")
     ax = figure.add_subplot(grid[0, 5])
     ax.axis("off")
+    variables = canvas.dashboard["templating"]["list"][1:]
     ax.text(
         0,
         0.5,
         "A simulated home, the real\ncollectors, a real carbon-cache\nand graphite-web.\n\n"
-        + "\n".join(
-            f"{v['label']}: {v['current']['value']}" for v in dashboard["templating"]["list"][1:]
-        ),
+        + "\n".join(f"{v['label']}: {v['current']['value']}" for v in variables),
         color=TEXT,
         fontsize=8,
         va="center",
     )
 
-    # Whole-house power, both meters
-    ax = figure.add_subplot(grid[1, :4])
+
+def draw_whole_house(canvas: Canvas, ax) -> None:
+    """Whole-house power, both meters."""
     styles = [{"linewidth": 3.2, "alpha": 0.7}, {"linewidth": 1.0, "linestyle": "--"}]
-    meters = _render(web, dashboard, "Whole-house power", now)
-    for color, style, series in zip(PALETTE, styles, meters):
+    for color, style, series in zip(PALETTE, styles, canvas.render("Whole-house power")):
         x, y = _points(series)
         ax.plot(x, y, color=color, label=series["target"], **style)
-    _style(ax, f"Whole-house power (W), last {hours:g} h", window)
+    _style(ax, f"Whole-house power (W), last {canvas.hours:g} h", canvas.window)
     _legend(ax)
 
-    # Energy and cost per day
-    ax = figure.add_subplot(grid[1, 4:])
-    energy = _render(web, dashboard, "Energy per day, last 7 days", now)
-    cost = _render(web, dashboard, "Cost per day, last 7 days", now)
+
+def draw_energy_per_day(canvas: Canvas, ax) -> None:
+    """Energy per day as bars, each day's cost on top."""
+    energy = canvas.render("Energy per day, last 7 days")
+    cost = canvas.render("Cost per day, last 7 days")
     if energy:
         days = [
             (datetime.datetime.fromtimestamp(ts), v)
@@ -188,7 +211,7 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
             paid = costs.get(int(day.timestamp()))
             if paid is not None:
                 ax.annotate(
-                    f"{money}{paid:.2f}",
+                    f"{canvas.money}{paid:.2f}",
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center",
                     va="bottom",
@@ -197,9 +220,10 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
                 )
     _style(ax, "Energy (kWh) and cost per day")
 
-    # Stacked power per device, unmonitored on top
-    ax = figure.add_subplot(grid[2, :4])
-    stacked = _render(web, dashboard, "Power per device (stacked)", now)
+
+def draw_stacked_devices(canvas: Canvas, ax) -> None:
+    """Power per device, stacked, the unmonitored load on top."""
+    stacked = canvas.render("Power per device (stacked)")
     stamps = sorted({ts for s in stacked for _, ts in s["datapoints"]})
     layers = []
     for series in stacked:
@@ -213,41 +237,33 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
             colors=[*(PALETTE * 3)[: len(stacked) - 1], "#464c54"],
             linewidth=0,
         )
-    _style(ax, "Power per device, stacked, unmonitored load on top (W)", window)
+    _style(ax, "Power per device, stacked, unmonitored load on top (W)", canvas.window)
     _legend(ax)
 
-    # The device table
-    ax = figure.add_subplot(grid[2, 4:])
+
+def draw_device_table(canvas: Canvas, ax) -> None:
+    """Every device's watts now and kWh today, the busiest first."""
     ax.axis("off")
     ax.set_title("Devices now and today", color=TEXT, loc="left", fontsize=11)
-    table = device_table(_render(web, dashboard, "Devices now and today", now))
+    table = device_table(canvas.render("Devices now and today"))
     rows = sorted(table.items(), key=lambda item: -(item[1].get("watts") or 0))
     cells = [
         [device, f"{row.get('watts', 0):,.0f} W", f"{row.get('kwh_today', 0):.2f} kWh"]
         for device, row in rows
     ]
-    if cells:
-        drawn = ax.table(
-            cellText=cells, colLabels=["Device", "Watts now", "kWh today"], loc="upper center"
-        )
-        drawn.auto_set_font_size(False)
-        drawn.set_fontsize(8.5)
-        drawn.scale(1, 1.25)
-        for cell in drawn.get_celld().values():
-            cell.set_facecolor(PANEL)
-            cell.set_edgecolor(GRID)
-            cell.get_text().set_color(TEXT)
+    _table(ax, cells, ["Device", "Watts now", "kWh today"], fontsize=8.5, height=1.25)
 
-    # Circuits
-    ax = figure.add_subplot(grid[3, :3])
-    for color, series in zip(PALETTE[2:], _render(web, dashboard, "Circuits", now)):
+
+def draw_circuits(canvas: Canvas, ax) -> None:
+    for color, series in zip(PALETTE[2:], canvas.render("Circuits")):
         x, y = _points(series)
         ax.plot(x, y, color=color, linewidth=1.1, label=series["target"])
-    _style(ax, "Circuits (W)", window)
+    _style(ax, "Circuits (W)", canvas.window)
     _legend(ax)
 
-    # Collector health
-    ax = figure.add_subplot(grid[3, 3:])
+
+def draw_health(canvas: Canvas, ax) -> None:
+    """Each collector's health; a failing device in red."""
     ax.axis("off")
     ax.set_title("Collector health", color=TEXT, loc="left", fontsize=11)
     health: dict[str, dict[str, str]] = {}
@@ -257,7 +273,7 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
         ("Newest point", "age"),
         ("Spool: lines waiting for Carbon", "spool"),
     ):
-        for series in _render(web, dashboard, title, now):
+        for series in canvas.render(title):
             value = _last([series])
             if value is not None:
                 shown = f"{value:.0f} s" if key == "age" else f"{value:.0f}"
@@ -267,23 +283,49 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
         [source, *(row.get(column, "-") for column in columns)]
         for source, row in sorted(health.items())
     ]
-    if cells:
-        drawn = ax.table(
-            cellText=cells,
-            colLabels=["Collector", "Answering", "Failing", "Newest point", "Spooled"],
-            loc="upper center",
-        )
-        drawn.auto_set_font_size(False)
-        drawn.set_fontsize(9)
-        drawn.scale(1, 1.4)
+    labels = ["Collector", "Answering", "Failing", "Newest point", "Spooled"]
+    drawn = _table(ax, cells, labels, fontsize=9, height=1.4)
+    if drawn is not None:
         for (row, column), cell in drawn.get_celld().items():
-            cell.set_facecolor(PANEL)
-            cell.set_edgecolor(GRID)
-            text = cell.get_text()
-            text.set_color(TEXT)
-            if row and column == 2 and text.get_text() not in ("0", "-"):
-                text.set_color("#f2495c")
+            if row and column == 2 and cell.get_text().get_text() not in ("0", "-"):
+                cell.get_text().set_color("#f2495c")
 
+
+def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
+    """The dashboard's key panels, drawn with matplotlib from graphite-web's JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    currency = {"currencyGBP": "£", "currencyEUR": "€", "currencyUSD": "$"}
+    cost_panel = next(p for p in dashboard["panels"] if p["title"] == "Cost today")
+    canvas = Canvas(
+        web,
+        dashboard,
+        datetime.datetime.now().astimezone(),
+        hours,
+        currency.get(cost_panel["fieldConfig"]["defaults"]["unit"], ""),
+    )
+    figure = plt.figure(figsize=(16, 13), facecolor=BACKGROUND)
+    grid = figure.add_gridspec(
+        4,
+        6,
+        height_ratios=[0.42, 1, 1.15, 1],
+        hspace=0.42,
+        wspace=0.35,
+        left=0.04,
+        right=0.99,
+        top=0.94,
+        bottom=0.03,
+    )
+    draw_tiles(canvas, figure, grid)
+    draw_whole_house(canvas, figure.add_subplot(grid[1, :4]))
+    draw_energy_per_day(canvas, figure.add_subplot(grid[1, 4:]))
+    draw_stacked_devices(canvas, figure.add_subplot(grid[2, :4]))
+    draw_device_table(canvas, figure.add_subplot(grid[2, 4:]))
+    draw_circuits(canvas, figure.add_subplot(grid[3, :3]))
+    draw_health(canvas, figure.add_subplot(grid[3, 3:]))
     figure.suptitle(
         "Home electricity: grafana/dashboards/home-electricity.json, queries rendered by "
         "graphite-web",
@@ -295,18 +337,6 @@ def draw(web: GraphiteWeb, dashboard: dict, out: Path, hours: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80, facecolor=BACKGROUND, bbox_inches="tight")
     plt.close(figure)
-
-
-def device_table(series: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """What the table panel's transformations make of its series: the last
-    value of each, its name's key=value pairs pivoted into {device: {column: value}}."""
-    table: dict[str, dict[str, float]] = {}
-    for item in series:
-        fields = dict(pair.split("=", 1) for pair in item["target"].split(","))
-        last = _last([item])
-        if last is not None:
-            table.setdefault(fields["device"], {})[fields["column"]] = last
-    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
