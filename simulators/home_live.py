@@ -23,14 +23,13 @@ from typing import Any
 
 from harness.carbon import free_port
 from harness.collectors import Running, start_collector, write_config
-from simulators.home import GLOW_ID, HomeDevices, house_load
+from simulators.home import ESP32_ID, ESP32_TOKEN, GLOW_ID, HomeDevices, house_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TIME_LAPSE = 20
 # Where the home's day starts playing: the kettle is about to boil.
 START_AGE_S = 5700.0
-ESP32_TOKEN = "demo-token-not-a-secret"
 
 
 class Unavailable(Exception):
@@ -128,7 +127,7 @@ def esp32_source(home: LiveHome, stack: contextlib.ExitStack, work: Path) -> Hom
     esp32 = SimulatedEsp32(
         f"http://127.0.0.1:{port}/api/v1/readings",
         ESP32_TOKEN,
-        "esp32-meter",
+        ESP32_ID,
         imp_per_kwh=1000,
         power_watts=home.house_watts,
         post_interval_s=home.interval_s,
