@@ -43,11 +43,11 @@ from esp32_accounting import (
 from esp32_http import ReceiverServer
 from esp32_readings import BadReading, parse_body, shown
 from esp32_tokens import TokenCheck, check_tokens, is_loopback
+from line_batcher import LineBatcher
 from runtime import (
     EXIT_NO_DEVICE,
     EXIT_OK,
     EXIT_UNDELIVERED,
-    LineBatcher,
     Runtime,
     Source,
     format_table,

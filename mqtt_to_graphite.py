@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphite_helper import is_valid_path
+from line_batcher import LineBatcher
 from mqtt_broker import BrokerLink, broker_address
 from mqtt_glow import (
     GLOW_INVALID_POWER_KW,
@@ -56,7 +57,6 @@ from runtime import (
     EXIT_NO_DEVICE,
     EXIT_OK,
     EXIT_UNDELIVERED,
-    LineBatcher,
     Runtime,
     Source,
     format_table,

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import collector
-from runtime import EXIT_OK, LineBatcher, Runtime
+from line_batcher import LineBatcher
+from runtime import EXIT_OK, Runtime
 from service import ensure_watchdog_covers, sd_notify
 from settings import load_settings
 from simulators.kasa import KasaSimulator, SimulatedKasaDevice, loopback_host
