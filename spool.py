@@ -527,10 +527,19 @@ class Spool:
             self._save_cursor()
 
     def _expire_marks(self, keep_s: float, keep_max_lines: int) -> None:
+        """Forget confirmations older than ``keep_s``; over ``keep_max_lines``,
+        forget the oldest lines' first. Not the earliest confirmed: a backlog
+        resent after the newest lines (newest segment first) would push the
+        newest lines out, and they are the ones a carbon-cache that dies
+        now has most likely not written yet."""
         oldest = time.time() - keep_s
+        while self._marks and self._marks[0][0] < oldest:
+            self._marks.popleft()
         kept = sum(mark[4] for mark in self._marks)
-        while self._marks and (self._marks[0][0] < oldest or kept > keep_max_lines):
-            kept -= self._marks.popleft()[4]
+        while self._marks and kept > keep_max_lines:
+            first = min(range(len(self._marks)), key=lambda i: self._marks[i][1:3])
+            kept -= self._marks[first][4]
+            del self._marks[first]
 
     def _forget_sent(self) -> None:
         """Delete segments fully sent, not being written and out of the window."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -542,11 +543,13 @@ def _ends(schedule: list[tuple[str, int]]) -> list[tuple[str, int]]:
 def down_windows(
     path: str, source: str, collectors: dict[str, Collector], faults: list[Fault]
 ) -> list[tuple[float, float]]:
-    """When ``path``'s device or collector was down by the schedule."""
-    windows = [(k, k + RESTART_S) for k in collectors[source].kills]
+    """When ``path``'s device or collector was down by the schedule: from the
+    boundary whose poll may be in flight when the fault or SIGKILL comes (a
+    Modbus request the stopped gateway never answers) to the recovery after."""
+    windows = [(math.floor(k), k + RESTART_S) for k in collectors[source].kills]
     for fault in faults:
         if fault.source == source and any(f".{d}." in path for d in fault.devices):
-            windows.extend((begin, end + RECOVERY_S) for begin, end in fault.played)
+            windows.extend((math.floor(begin), end + RECOVERY_S) for begin, end in fault.played)
     return windows
 
 

@@ -581,6 +581,31 @@ def test_the_resend_window_survives_a_restart_and_expires(tmp_path):
     assert not list(tmp_path.glob("*.spool"))  # segments out of the window are deleted
 
 
+def test_a_full_resend_window_keeps_the_newest_lines_not_the_last_confirmed(tmp_path):
+    """A rewound backlog is resent after the newest lines (newest segment
+    first); once the window is at its cap, those newest lines must not be the
+    ones pushed out of it. The 30-minute soak of 2026-12-02 lost one second
+    of Kasa lines so: confirmed, pushed out by 100,000 resent lines, then the
+    carbon-cache holding them was killed."""
+    spool = Spool(tmp_path, segment_lines=100)
+    spool.append(lines(300))
+    while (batch := spool.next_batch(50)) is not None:
+        spool.confirm(batch, keep_s=120, keep_max_lines=300)
+    assert spool.rewind(120) == 300  # Carbon stopped answering: all of it again
+    newest = lines(20, start=300)
+    spool.append(newest)
+    confirmed_first = None
+    while (batch := spool.next_batch(50, newest_first=True)) is not None:
+        confirmed_first = confirmed_first or batch.lines
+        spool.confirm(batch, keep_s=120, keep_max_lines=300)
+    assert confirmed_first == newest  # then 300 older lines, over the cap
+    spool.rewind(120)  # carbon-cache killed before writing its cache
+    again: list[str] = []
+    spool.replay(lambda batch: again.extend(batch) or True)
+    assert set(newest) <= set(again)
+    assert len(again) <= 300 + 50  # still bounded by the cap (a batch's rounding)
+
+
 @pytest.mark.slow
 def test_a_cycles_appends_share_one_fsync(tmp_path, stand_in, monkeypatch):
     """With a sender, appends never fsync themselves: the sender syncs what a
