@@ -287,7 +287,7 @@ def run(duration_s: float, output: Path) -> int:
         names = [source.name for source in sources]
 
         config = output / "config_local.py"
-        write_home_config(config, carbon.line_address, sources, INTERVAL_S)
+        write_home_config(config, carbon.line_address, home, sources)
         running = [start_source_collector(s, config, work / "state", logs) for s in sources]
         stack.callback(lambda: [terminate(item.process) for item in running])
         say(f"collectors sending to carbon-cache at {carbon.host}:{carbon.port}")

@@ -127,7 +127,7 @@ def footprint(work: Path, seconds: float) -> None:
         carbon = stack.enter_context(CarbonServer(work / "carbon"))
         home, sources = start_sources(stack, work, INTERVAL_S, print)
         config = work / "config_local.py"
-        write_home_config(config, carbon.line_address, sources, INTERVAL_S)
+        write_home_config(config, carbon.line_address, home, sources)
         (work / "logs").mkdir()
         running = [
             start_source_collector(source, config, work / "state", work / "logs")

@@ -420,7 +420,7 @@ def run(duration_s: float, kill_until_s: float, checkpoints_s: list[float], work
                 print(f"# state disk full: not played (tmpfs mount failed: {exc})")
         home, sources = start_sources(stack, work, 1.0, print)
         config = work / "config_local.py"
-        write_home_config(config, proxy.line_address, sources, 1.0)
+        write_home_config(config, proxy.line_address, home, sources)
         with open(config, "a") as extra:
             extra.write("CARBON_TIMEOUT_S = 2.0\nMQTT_FLUSH_INTERVAL_S = 1.0\n")
             # A Modbus bus carries one request at a time: a silent meter holds it

@@ -88,7 +88,6 @@ class SimulatedHome:
         self.work_dir = Path(work_dir)
         self.carbon = carbon
         self.broker = broker
-        self.fixtures_dir = fixtures_dir
         self.state_dir = self.work_dir / "state"
         self.config_file = self.work_dir / "config_local.py"
         self.devices = HomeDevices(self.work_dir, fixtures_dir)

@@ -114,7 +114,6 @@ def tuya_source(home: LiveHome, stack: contextlib.ExitStack, work: Path) -> Home
         "tuya",
         "tuya_to_graphite.py",
         "2 Tuya plugs, protocols 3.3 and 3.4, from a wizard's devices.json",
-        args=["--devices", settings.pop("TUYA_DEVICES_FILE")],
         settings=settings,
         controls={"simulator": home.devices.tuya_simulator, **home.devices.tuya},
     )
@@ -236,10 +235,12 @@ def start_sources(
 
 
 def write_home_config(
-    path: Path, carbon_address: tuple[str, int], sources: list[HomeSource], interval_s: float
+    path: Path, carbon_address: tuple[str, int], home: LiveHome, sources: list[HomeSource]
 ) -> None:
-    """The home's config_local.py: Carbon, the intervals, then each source's devices."""
+    """The home's config_local.py: Carbon, the home's intervals, then each
+    source's devices."""
     host, port = carbon_address
+    interval_s = home.interval_s
     sections: dict[str, dict[str, Any]] = {
         "Carbon and the intervals": {
             "CARBON_HOST": host,
