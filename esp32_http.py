@@ -265,7 +265,7 @@ class ReceiverServer:
         if not self._thread.is_alive():
             return
         # Thunks run in waitress's own loop thread: nothing else touches its sockets.
-        server.trigger.pull_trigger(lambda: setattr(server, "accepting", False))
+        self._in_loop(lambda: setattr(server, "accepting", False))
         dispatcher = server.task_dispatcher
         deadline = time.monotonic() + timeout_s
         while (dispatcher.queue or dispatcher.active_count) and time.monotonic() < deadline:
@@ -279,6 +279,20 @@ class ReceiverServer:
                     channel.handle_close()
             server.close()  # the listening socket and the trigger: the loop ends
 
-        server.trigger.pull_trigger(close_all)
+        self._in_loop(close_all)
         self._thread.join(timeout_s)
         dispatcher.shutdown(cancel_pending=True, timeout=timeout_s)
+
+    def _in_loop(self, thunk: Callable[[], None]) -> None:
+        """Have waitress's loop thread run ``thunk``. Not pull_trigger(thunk):
+        it queues the thunk before it writes the wake-up byte, so a loop woken
+        by a worker in between can run close_all, and the byte then goes to a
+        closed pipe, or to whatever file has its number by then. The loop runs
+        thunks under the trigger's lock: holding it, the queueing and the write
+        are one step, and a trigger already closed is left alone."""
+        trigger = self._server.trigger
+        with trigger.lock:
+            if trigger._closed:
+                return
+            trigger.thunks.append(thunk)
+            trigger._physical_pull()

@@ -524,8 +524,10 @@ def serve(
         finally:
             sd_notify("STOPPING=1")
             runtime.log.info("stopping: finishing requests under way, sending what is left")
-            server.stop()
-            delivered = receiver.batcher.stop()  # also saves the energy state
+            try:
+                server.stop()
+            finally:
+                delivered = receiver.batcher.stop()  # also saves the energy state
     if server_died:
         print(f"{SOURCE}: the HTTP server stopped unexpectedly (see the log)", file=sys.stderr)
         return EXIT_UNDELIVERED

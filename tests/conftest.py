@@ -10,6 +10,8 @@ import os
 import random
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
@@ -88,6 +90,32 @@ def _fast_tests_start_nothing(
         return
     monkeypatch.setattr(socket.socket, "listen", _refuse("listens on a socket"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("starts a process"))
+
+
+# --- Every test stops the workers it started ----------------------------------------------
+
+# The project's own long-lived threads. One left running outlives its test and
+# acts in later ones: a Carbon sender retrying its backlog at a port another
+# test's server has by then, a batcher pinging another test's notify socket.
+_WORKER_THREADS = ("carbon-sender", "line-batcher", "waitress", "pty-bridge", "tuya-simulator")
+_WORKER_GRACE_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _workers_are_stopped() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + _WORKER_GRACE_S
+    while True:
+        left = sorted(
+            thread.name
+            for thread in set(threading.enumerate()) - before
+            if thread.name.startswith(_WORKER_THREADS) and thread.is_alive()
+        )
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"the test left threads running: {', '.join(left)}"
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -106,8 +107,10 @@ class RunningReceiver:
         return self
 
     def stop(self) -> None:
-        self.server.stop()
-        self.receiver.batcher.stop()
+        try:
+            self.server.stop()
+        finally:
+            self.receiver.batcher.stop()
 
     def request(
         self, method: str, path: str, body: bytes = b"", headers: dict | None = None
@@ -970,6 +973,31 @@ def test_stop_saves_the_state(tmp_path):
     saved = json.loads((tmp_path / "state" / "esp32" / "meter.json").read_text())
     assert saved["devices"]["esp32-a"]["boots"][0]["pulses"] == 1234
     assert TOKEN not in (tmp_path / "state" / "esp32" / "meter.json").read_text()
+
+
+@pytest.mark.slow
+def test_stop_wakes_the_server_before_a_worker_can_close_it(tmp_path, monkeypatch):
+    """A worker finishing a request wakes the server loop at any moment. If
+    that wake-up lands between stop queueing close_all and writing its own
+    wake-up byte, close_all must wait for the byte: run first, it closes the
+    pipe the byte is written to (EBADF in CI; or a stray byte in whatever file
+    reused the number). Here the worker's wake-up comes in exactly there."""
+    receiver = RunningReceiver(tmp_path / "state").start()
+    trigger = receiver.server._server.trigger
+    real_pull = trigger._physical_pull
+    worker_woke_the_loop = threading.Event()
+
+    def pull_after_a_worker() -> None:
+        os.write(trigger.trigger, b"x")  # what a worker's pull_trigger() writes
+        worker_woke_the_loop.set()
+        time.sleep(0.3)  # the loop had time to run what was queued
+        real_pull()
+
+    monkeypatch.setattr(trigger, "_physical_pull", pull_after_a_worker)
+    receiver.stop()  # raised OSError: [Errno 9] Bad file descriptor
+    assert worker_woke_the_loop.is_set()
+    assert not receiver.server.alive
+    receiver.stop()  # again: nothing to wake, nothing raised
 
 
 # --- The script end to end ---------------------------------------------------------------

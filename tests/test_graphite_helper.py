@@ -8,6 +8,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -21,6 +23,22 @@ from graphite_helper import (
     metric_path,
 )
 from spool import Spool
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., CarbonClient]]:
+    """CarbonClients closed when the test ends: a sender left running would
+    retry its backlog at a port a later test's server may have."""
+    made: list[CarbonClient] = []
+
+    def make(*args: Any, **kwargs: Any) -> CarbonClient:
+        made.append(CarbonClient(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
 
 TS = 1_700_000_000
 
@@ -213,10 +231,10 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_client_fails_over_to_the_next_destination(tmp_path):
+def test_client_fails_over_to_the_next_destination(tmp_path, make_client):
     server = RecordingServer()
     try:
-        client = CarbonClient(
+        client = make_client(
             [("127.0.0.1", free_port()), server.address], timeout_s=2, spool=Spool(tmp_path)
         )
         assert client.send_lines(lines(5))
@@ -226,9 +244,9 @@ def test_client_fails_over_to_the_next_destination(tmp_path):
 
 
 @pytest.mark.slow
-def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path):
+def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path, make_client):
     port = free_port()
-    client = CarbonClient([("127.0.0.1", port)], timeout_s=1, spool=Spool(tmp_path))
+    client = make_client([("127.0.0.1", port)], timeout_s=1, spool=Spool(tmp_path))
     assert not client.send_lines(lines(3))
     assert not client.send_lines(lines(3, start=3))
     assert len(client.spool) == 6
@@ -246,13 +264,13 @@ def test_undelivered_lines_are_spooled_then_replayed_in_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_peer_that_never_confirms_counts_as_undelivered(tmp_path):
+def test_peer_that_never_confirms_counts_as_undelivered(tmp_path, make_client):
     """A hung Carbon (accepts, never reads or closes): the batch is spooled."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     try:
-        client = CarbonClient([listener.getsockname()], timeout_s=0.5, spool=Spool(tmp_path))
+        client = make_client([listener.getsockname()], timeout_s=0.5, spool=Spool(tmp_path))
         assert not client.send_lines(lines(4))
         assert len(client.spool) == 4
     finally:
@@ -260,10 +278,10 @@ def test_peer_that_never_confirms_counts_as_undelivered(tmp_path):
 
 
 @pytest.mark.slow
-def test_invalid_lines_are_never_sent(tmp_path):
+def test_invalid_lines_are_never_sent(tmp_path, make_client):
     server = RecordingServer()
     try:
-        client = CarbonClient([server.address], timeout_s=2, spool=Spool(tmp_path))
+        client = make_client([server.address], timeout_s=2, spool=Spool(tmp_path))
         client.send_lines([f"home.a.b nan {TS}\n", f"home.a b 1 {TS}\n", *lines(1)])
         assert server.received.decode() == "".join(lines(1))
         assert client.lines_invalid == 2
@@ -272,11 +290,11 @@ def test_invalid_lines_are_never_sent(tmp_path):
 
 
 @pytest.mark.slow
-def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path):
+def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path, make_client):
     """carbon-cache may read a batch and die before writing it: lines confirmed
     within the resend window go back to the spool when the destination fails."""
     server = RecordingServer()
-    client = CarbonClient([server.address], timeout_s=1, spool=Spool(tmp_path))
+    client = make_client([server.address], timeout_s=1, spool=Spool(tmp_path))
     assert client.send_lines(lines(2))
     server.close()  # Carbon stops, perhaps with those lines still in its cache
     assert not client.send_lines(lines(1, start=2))
@@ -290,9 +308,9 @@ def test_recently_confirmed_lines_are_resent_after_an_outage(tmp_path):
 
 
 @pytest.mark.slow
-def test_resend_window_is_bounded(tmp_path):
+def test_resend_window_is_bounded(tmp_path, make_client):
     server = RecordingServer()
-    client = CarbonClient([server.address], timeout_s=1, spool=Spool(tmp_path), resend_max_lines=3)
+    client = make_client([server.address], timeout_s=1, spool=Spool(tmp_path), resend_max_lines=3)
     for start in range(0, 10, 2):
         assert client.send_lines(lines(2, start=start))
     server.close()
@@ -319,14 +337,14 @@ def test_spool_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_failover_sticks_to_the_destination_that_answers(tmp_path):
+def test_failover_sticks_to_the_destination_that_answers(tmp_path, make_client):
     """A hung primary costs its timeout once, not on every batch."""
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen()
     backup = RecordingServer()
     try:
-        client = CarbonClient(
+        client = make_client(
             [hung.getsockname(), backup.address], timeout_s=0.5, spool=Spool(tmp_path)
         )
         started = time.monotonic()

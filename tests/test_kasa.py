@@ -192,7 +192,10 @@ def test_dead_device_does_not_delay_the_others(carbon_server, tmp_path):
             await kasa.close()
             return started, finished, ok, failed, delivered
 
-        started, finished, ok, failed, delivered = asyncio.run(scenario())
+        try:
+            started, finished, ok, failed, delivered = asyncio.run(scenario())
+        finally:
+            runtime.close()
     assert (ok, failed, delivered) == (3, 1, True)
     # The cycle waited for the dead plug, once (python-kasa must not retry past it).
     assert timeout_s <= finished - started < 2 * timeout_s
